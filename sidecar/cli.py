@@ -1,0 +1,118 @@
+"""The `sidecar` command line: run, validate, schema, demo-model.
+
+Flags beat environment variables, environment variables beat the policy file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+DEFAULT_POLICY = "policies/default.yaml"
+
+
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("run", help="run the sidecar (proxy and admin listeners)")
+    p.add_argument("--policy", help=f"policy file (env SIDECAR_POLICY, default {DEFAULT_POLICY})")
+    p.add_argument("--upstream", help="URL of the default upstream (env SIDECAR_UPSTREAM_URL)")
+    p.add_argument("--host", help="proxy bind address (env SIDECAR_HOST)")
+    p.add_argument("--port", type=int, help="proxy port, 0 for any free port (env SIDECAR_PORT)")
+    p.add_argument("--admin-host", help="admin bind address (env SIDECAR_ADMIN_HOST)")
+    p.add_argument("--admin-port", type=int, help="admin port (env SIDECAR_ADMIN_PORT)")
+    p.add_argument("--log-format", choices=["json", "console"], help="log format")
+    p.add_argument(
+        "--allow-pure-python-parser",
+        action="store_true",
+        help="start even when aiohttp's C HTTP parser is not available (not recommended)",
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from sidecar.app import RunSettings, run
+    from sidecar.policy.loader import Overrides, PolicyError
+
+    env = os.environ
+    policy_path = args.policy or env.get("SIDECAR_POLICY") or DEFAULT_POLICY
+    try:
+        overrides = Overrides.from_env(env).then(
+            Overrides(
+                upstream_url=args.upstream,
+                host=args.host,
+                port=args.port,
+                admin_host=args.admin_host,
+                admin_port=args.admin_port,
+            )
+        )
+    except PolicyError as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return 2
+    settings = RunSettings.with_env(
+        Path(policy_path),
+        overrides,
+        allow_pure_python_parser=args.allow_pure_python_parser
+        or env.get("SIDECAR_ALLOW_PURE_PYTHON_PARSER") == "1",
+    )
+    return run(settings)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from sidecar.policy.loader import PolicyError, load_policy
+
+    status = 0
+    for path in args.files:
+        try:
+            load_policy(path)
+        except PolicyError as exc:
+            status = 2
+            for line in exc.errors:
+                print(f"{path}: {line}")
+        else:
+            print(f"{path}: ok")
+    return status
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from sidecar.policy.loader import policy_json_schema
+
+    print(policy_json_schema())
+    return 0
+
+
+def _cmd_demo_model(args: argparse.Namespace) -> int:
+    from sidecar.demo.server import main as demo_main
+
+    return demo_main(args.host, args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sidecar", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    v = sub.add_parser("validate", help="validate policy files (exit 0 valid, 2 invalid)")
+    v.add_argument("files", nargs="+")
+    sub.add_parser("schema", help="print the policy JSON Schema")
+    d = sub.add_parser("demo-model", help="run the fault-injecting demo model server")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=8080)
+    return parser
+
+
+_COMMANDS = {
+    "run": _cmd_run,
+    "validate": _cmd_validate,
+    "schema": _cmd_schema,
+    "demo-model": _cmd_demo_model,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from sidecar.telemetry.logging import configure_logging
+
+    configure_logging(getattr(args, "log_format", None))
+    return _COMMANDS[args.command](args)

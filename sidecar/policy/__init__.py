@@ -1,0 +1,1 @@
+"""Policies: YAML files parsed once at the edge into frozen, typed models."""

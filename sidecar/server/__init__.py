@@ -1,0 +1,1 @@
+"""The HTTP edge: the proxy handler, the admin app, and the one error → HTTP mapping."""

@@ -1,0 +1,1 @@
+"""Telemetry: events from strategies turned into logs, spans and metrics."""

@@ -1,0 +1,1 @@
+"""The upstream transport: aiohttp client, header hygiene, exception mapping at one boundary."""
