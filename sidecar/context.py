@@ -53,6 +53,8 @@ class RequestContext:
     budget_refused: bool = False
     breaker_state: str | None = None
     confidence: float | None = None
+    #: "auto" | "review" | "reject" once the confidence gate judged the answer; None otherwise.
+    confidence_band: str | None = None
     review_id: str | None = None
     upstream_status: int | None = None
     upstream_seconds: float = 0.0
