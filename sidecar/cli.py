@@ -1,4 +1,4 @@
-"""The `sidecar` command line: run, validate, schema, demo-model.
+"""The `sidecar` command line: run, validate, schema, demo-model, reviews, failures, calibrate.
 
 Flags beat environment variables, environment variables beat the policy file.
 """
@@ -89,6 +89,36 @@ def _cmd_demo_model(args: argparse.Namespace) -> int:
     return demo_main(args.host, args.port)
 
 
+def _cmd_reviews(args: argparse.Namespace) -> int:
+    from sidecar.review.cli import run_reviews
+
+    return run_reviews(args)
+
+
+def _cmd_failures(args: argparse.Namespace) -> int:
+    from sidecar.failures.cli import run_failures
+
+    return run_failures(args)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from sidecar.failures.cli import run_calibrate
+
+    return run_calibrate(args)
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from sidecar.migrate import run_migrate
+
+    return run_migrate(args)
+
+
+def _cmd_inject(args: argparse.Namespace) -> int:
+    from sidecar import inject
+
+    return inject.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidecar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,9 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="validate policy files (exit 0 valid, 2 invalid)")
     v.add_argument("files", nargs="+")
     sub.add_parser("schema", help="print the policy JSON Schema")
+    i = sub.add_parser("inject", help="add the sidecar to Kubernetes YAML (file or stdin)")
+    from sidecar import inject
+
+    inject.add_arguments(i)
     d = sub.add_parser("demo-model", help="run the fault-injecting demo model server")
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=8080)
+    from sidecar.review.cli import add_reviews_parser
+
+    add_reviews_parser(sub)
+    from sidecar.migrate import add_migrate_parser
+
+    add_migrate_parser(sub)
+    from sidecar.failures.cli import add_calibrate_parser, add_failures_parser
+
+    add_failures_parser(sub)
+    add_calibrate_parser(sub)
     return parser
 
 
@@ -107,6 +151,10 @@ _COMMANDS = {
     "validate": _cmd_validate,
     "schema": _cmd_schema,
     "demo-model": _cmd_demo_model,
+    "reviews": _cmd_reviews,
+    "migrate": _cmd_migrate,
+    "failures": _cmd_failures,
+    "calibrate": _cmd_calibrate,
 }
 
 

@@ -53,7 +53,8 @@ class RequestContext:
     budget_refused: bool = False
     breaker_state: str | None = None
     confidence: float | None = None
-    #: "auto" | "review" | "reject" once the confidence gate judged the answer; None otherwise.
+    #: "auto" | "review" | "reject" once the confidence gate judged the answer ("missing" when
+    #: the answer carried no usable confidence); None otherwise.
     confidence_band: str | None = None
     review_id: str | None = None
     upstream_status: int | None = None
@@ -65,6 +66,9 @@ class RequestContext:
     events: list[ResilienceEvent] = field(default_factory=list)
     sink: EventSink = _no_sink
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Run once by the server when the request is over (last byte written, or failed): a
+    #: bulkhead frees its slot, the last-known-good cache stores a fully streamed answer.
+    finish_hooks: list[Callable[[RequestContext], None]] = field(default_factory=list)
 
     def remaining(self) -> float | None:
         """Seconds left before the deadline, or None when there is no deadline."""
@@ -79,3 +83,12 @@ class RequestContext:
 
     def elapsed(self) -> float:
         return self.clock.monotonic() - self.started
+
+    def finish(self) -> None:
+        """Run the finish hooks once, in order; one failing hook does not stop the others."""
+        hooks, self.finish_hooks = self.finish_hooks, []
+        for hook in hooks:
+            try:
+                hook(self)
+            except Exception as exc:  # a hook must never break the access log or the answer
+                self.emit("finish_hook_failed", error=f"{type(exc).__name__}: {exc}")

@@ -7,6 +7,7 @@ Core module (stdlib only). Logs, spans, metrics, headers, stored records and tes
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 __all__ = ["AVAILABILITY_MODES", "FailureMode", "SidecarError"]
 
@@ -48,7 +49,9 @@ class SidecarError(Exception):
     """A failure the sidecar answers for itself.
 
     `status` overrides the default status of the mode (e.g. 413 or 431 for a `client_error`);
-    `retry_after` (seconds) becomes a `Retry-After` header; `headers` are added to the answer.
+    `retry_after` (seconds) becomes a `Retry-After` header; `headers` are added to the answer;
+    `details` (JSON-able) are added to the envelope's error object, e.g. the `request_info` hint
+    of the confidence gate.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class SidecarError(Exception):
         status: int | None = None,
         retry_after: float | None = None,
         headers: dict[str, str] | None = None,
+        details: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.mode = mode
@@ -66,6 +70,7 @@ class SidecarError(Exception):
         self.status = status
         self.retry_after = retry_after
         self.headers = dict(headers or {})
+        self.details = dict(details or {})
 
     def __repr__(self) -> str:
         return f"SidecarError({self.mode.value!r}, {self.message!r})"

@@ -94,6 +94,23 @@ def start_sidecar(tmp_path: Path) -> Iterator[SidecarFactory]:
         rp.stop()
 
 
+@pytest.fixture(scope="session")
+def postgres() -> str:
+    """URL of the machine's PostgreSQL (`test` database); skips, or fails in CI, without it."""
+    from tests.support.postgres import require_postgres
+
+    return require_postgres()
+
+
+@pytest.fixture
+def pg_schema(postgres: str) -> Iterator[str]:
+    """A fresh PostgreSQL schema for one test, dropped afterwards."""
+    from tests.support.postgres import schema_for_test
+
+    with schema_for_test(postgres) as schema:
+        yield schema
+
+
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(

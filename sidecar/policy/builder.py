@@ -7,20 +7,49 @@ from `Resources`, keyed by upstream, so swapping a policy never resets a breaker
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from sidecar.context import RequestContext
 from sidecar.pipeline import Handler, ProxyRequest, ProxyResponse, Strategy, compose
-from sidecar.policy.schema import BreakerPolicy, Policy, RoutePolicy, UpstreamPolicy
+from sidecar.policy.confidence import confidence_gate
+from sidecar.policy.degradation import (
+    bulkhead_config,
+    cache_config,
+    compile_rules,
+    response_template,
+)
+from sidecar.policy.schema import (
+    BreakerPolicy,
+    ConcurrencyPolicy,
+    HedgePolicy,
+    Policy,
+    RoutePolicy,
+    UpstreamPolicy,
+)
+from sidecar.review.store import ReviewQueue
 from sidecar.strategies.breaker import BreakerConfig, BreakerStrategy, CircuitBreaker
 from sidecar.strategies.budget import RetryBudget, RetryBudgetConfig
+from sidecar.strategies.bulkhead import Bulkhead, BulkheadConfig, BulkheadStrategy
 from sidecar.strategies.deadline import DeadlineConfig, DeadlineStrategy
+from sidecar.strategies.fallback import (
+    CacheFallback,
+    FallbackConfig,
+    FallbackLink,
+    FallbackStrategy,
+    RulesFallback,
+    StaticFallback,
+    UpstreamFallback,
+)
+from sidecar.strategies.hedge import HedgeConfig, HedgeStrategy
+from sidecar.strategies.last_known_good import CacheConfig, LastKnownGood
 from sidecar.strategies.latency import LatencyTracker
 from sidecar.strategies.retry import RetryConfig, RetryStrategy
 from sidecar.strategies.timeout import TimeoutConfig, TimeoutStrategy
 from sidecar.strategies.validate import ValidateConfig, ValidateStrategy
+from sidecar.telemetry.events import run_attempt
 from sidecar.transport.client import UpstreamClient
 
 __all__ = ["Resources", "RouteRuntime", "RuntimePolicy", "build_runtime"]
@@ -37,6 +66,12 @@ class Resources(Protocol):
 
     def latency(self, upstream: str) -> LatencyTracker: ...
 
+    def bulkhead(self, key: str, config: BulkheadConfig) -> Bulkhead: ...
+
+    def fallback_cache(self, route: str, config: CacheConfig) -> LastKnownGood: ...
+
+    def review_queue(self) -> ReviewQueue | None: ...
+
 
 def breaker_config(policy: BreakerPolicy) -> BreakerConfig:
     return BreakerConfig(
@@ -49,6 +84,16 @@ def breaker_config(policy: BreakerPolicy) -> BreakerConfig:
         open_for_max=policy.open_for_max,
         jitter=policy.jitter,
         half_open_probes=policy.half_open_probes,
+        storage=policy.storage,
+        storage_prefix=policy.storage_prefix,
+    )
+
+
+def hedge_config(policy: HedgePolicy) -> HedgeConfig:
+    return HedgeConfig(
+        delay=policy.delay if isinstance(policy.delay, float) else 0.0,
+        quantile=policy.quantile,
+        max_hedges=policy.max_hedges,
     )
 
 
@@ -70,6 +115,8 @@ class RouteRuntime:
     replay_limit: int
     handler: Handler
     policy: RoutePolicy
+    #: The route's fallback chain (also run by the confidence gate for `fallback` actions).
+    fallback: FallbackStrategy | None = None
 
     def matches(self, method: str, path: str) -> bool:
         if self.methods is not None and method not in self.methods:
@@ -104,16 +151,29 @@ def _transport(client: UpstreamClient, route: RoutePolicy) -> Handler:
     connect = timeouts.connect
     idle = timeouts.stream_idle
 
+    origin = str(client.origin)
+
     async def send(request: ProxyRequest, ctx: RequestContext) -> ProxyResponse:
         ctx.attempts += 1
-        return await client.send(request, ctx, connect_timeout=connect, idle_timeout=idle)
+
+        async def attempt(request: ProxyRequest) -> ProxyResponse:
+            return await client.send(request, ctx, connect_timeout=connect, idle_timeout=idle)
+
+        # The attempt's client span; the trace context goes upstream in its headers.
+        return await run_attempt(ctx, request, attempt, upstream=client.name, origin=origin)
 
     return send
 
 
 def _route_pipeline(
-    route: RoutePolicy, upstream_name: str, resources: Resources, policy: Policy, base_dir: Path
+    route: RoutePolicy,
+    upstream_name: str,
+    resources: Resources,
+    policy: Policy,
+    base_dir: Path,
+    outer: Sequence[Strategy] = (),
 ) -> Handler:
+    """The route's pipeline; `outer` strategies (fallback, bulkhead) wrap the total deadline."""
     upstream = policy.upstreams[upstream_name]
     client = resources.client(upstream_name, upstream)
     timeouts = route.timeouts.effective()
@@ -141,28 +201,99 @@ def _route_pipeline(
         latency=resources.latency(upstream_name),
     )
     strategies: list[Strategy] = [
+        *outer,
         DeadlineStrategy(DeadlineConfig(total=timeouts.total)),
         retry,
-        BreakerStrategy(breaker),
     ]
-    if route.validate_ is not None:
-        v = route.validate_
-        schema = load_json_schema(v.json_schema, base_dir) if v.json_schema else None
+    if route.hedge.enabled:
+        # Inside retry (a hedged round is one attempt to it), outside the breaker (each hedge is
+        # an attempt of its own); hedges spend the route's retry budget.
         strategies.append(
-            ValidateStrategy(
-                ValidateConfig(
-                    json_body=v.json_body,
-                    schema=schema,
-                    reject_empty=v.reject_empty,
-                    reject_non_finite=v.reject_non_finite,
-                    max_body=v.max_body,
-                )
-            )
+            HedgeStrategy(hedge_config(route.hedge), budget, resources.latency(upstream_name))
         )
+    strategies.append(BreakerStrategy(breaker))
+    validate = _validate_strategy(route, base_dir)
+    if validate is not None:
+        strategies.append(validate)
     strategies.append(
         TimeoutStrategy(TimeoutConfig(attempt=timeouts.attempt, first_byte=timeouts.first_byte))
     )
     return compose(strategies, _transport(client, route))
+
+
+def _validate_strategy(route: RoutePolicy, base_dir: Path) -> ValidateStrategy | None:
+    v = route.validate_
+    if v is None:
+        return None
+    schema = load_json_schema(v.json_schema, base_dir) if v.json_schema else None
+    return ValidateStrategy(
+        ValidateConfig(
+            json_body=v.json_body,
+            schema=schema,
+            reject_empty=v.reject_empty,
+            reject_non_finite=v.reject_non_finite,
+            max_body=v.max_body,
+        )
+    )
+
+
+def _bulkhead_strategy(
+    route: RoutePolicy, upstream_name: str, resources: Resources, policy: Policy
+) -> BulkheadStrategy | None:
+    """Per upstream (routes that share a model share its slots), or the route's own override."""
+    concurrency: ConcurrencyPolicy | None = route.concurrency
+    key = f"{upstream_name}@{route.name}"
+    if concurrency is None:
+        key, concurrency = upstream_name, policy.upstreams[upstream_name].concurrency
+    if concurrency is None:
+        return None
+    return BulkheadStrategy(resources.bulkhead(key, bulkhead_config(concurrency)))
+
+
+def _fallback_upstream_handler(
+    name: str, route: RoutePolicy, resources: Resources, policy: Policy, base_dir: Path
+) -> Handler:
+    """A fallback model's own mini pipeline: its bulkhead (if any), its own breaker, the route's
+    validation and attempt timeout; no retry (the chain moves on instead)."""
+    upstream = policy.upstreams[name]
+    timeouts = route.timeouts.effective()
+    strategies: list[Strategy] = []
+    if upstream.concurrency is not None:
+        bulkhead = resources.bulkhead(name, bulkhead_config(upstream.concurrency))
+        strategies.append(BulkheadStrategy(bulkhead))
+    strategies.append(BreakerStrategy(resources.breaker(name, breaker_config(upstream.breaker))))
+    validate = _validate_strategy(route, base_dir)
+    if validate is not None:
+        strategies.append(validate)
+    strategies.append(
+        TimeoutStrategy(TimeoutConfig(attempt=timeouts.attempt, first_byte=timeouts.first_byte))
+    )
+    return compose(strategies, _transport(resources.client(name, upstream), route))
+
+
+def _fallback_strategy(
+    route: RoutePolicy, resources: Resources, policy: Policy, base_dir: Path
+) -> FallbackStrategy | None:
+    if not route.fallback:
+        return None
+    chain: list[FallbackLink] = []
+    for link in route.fallback:
+        if link.upstream is not None:
+            handler = _fallback_upstream_handler(link.upstream, route, resources, policy, base_dir)
+            chain.append(UpstreamFallback(name=link.upstream, handler=handler))
+        elif link.cache is not None:
+            cache = resources.fallback_cache(route.name, cache_config(link.cache))
+            chain.append(CacheFallback(cache))
+        elif link.rules is not None:
+            chain.append(RulesFallback(compile_rules(link.rules)))
+        elif link.static is not None:
+            chain.append(StaticFallback(response_template(link.static)))
+    config = FallbackConfig(
+        route=route.name,
+        total=route.timeouts.effective().total,
+        gated=getattr(route, "confidence", None) is not None,
+    )
+    return FallbackStrategy(config, chain)
 
 
 def build_runtime(
@@ -172,6 +303,12 @@ def build_runtime(
     routes = []
     for route in policy.routes:
         upstream_name = route.upstream or default_upstream
+        # Fallback → Bulkhead, outside the total deadline (DESIGN.md's order).
+        fallback = _fallback_strategy(route, resources, policy, base_dir or Path.cwd())
+        bulkhead = _bulkhead_strategy(route, upstream_name, resources, policy)
+        # The confidence gate judges what would go to the caller: outermost of all.
+        gate = confidence_gate(route, resources.review_queue(), fallback)
+        outer: list[Strategy] = [s for s in (gate, fallback, bulkhead) if s is not None]
         routes.append(
             RouteRuntime(
                 name=route.name,
@@ -180,9 +317,10 @@ def build_runtime(
                 upstream=upstream_name,
                 replay_limit=route.retry.replay_limit,
                 handler=_route_pipeline(
-                    route, upstream_name, resources, policy, base_dir or Path.cwd()
+                    route, upstream_name, resources, policy, base_dir or Path.cwd(), outer
                 ),
                 policy=route,
+                fallback=fallback,
             )
         )
     return RuntimePolicy(policy=policy, source=source, routes=tuple(routes))

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from sidecar.policy.degradation import degradation_issues
 from sidecar.policy.schema import Policy, RoutePolicy, TimeoutsPolicy
 from sidecar.policy.units import format_duration
 
@@ -153,6 +154,19 @@ def _route_issues(i: int, route: RoutePolicy, policy: Policy) -> list[str]:
         )
     if route.breaker is not None and route.breaker.open_for > route.breaker.open_for_max:
         issues.append(f"{prefix}.breaker.open_for: longer than breaker.open_for_max")
+    if route.hedge.enabled and not route.idempotent:
+        issues.append(
+            f"{prefix}.hedge.enabled: hedging sends a request twice; only for idempotent routes "
+            f"(set {prefix}.idempotent: true)"
+        )
+    gate = route.confidence
+    if gate is not None and not route.fallback:
+        for band in ("on_review", "on_reject", "on_missing"):
+            if getattr(gate, band) == "fallback":
+                issues.append(
+                    f"{prefix}.confidence.{band}: fallback needs a fallback chain "
+                    f"({prefix}.fallback)"
+                )
     return issues
 
 
@@ -176,6 +190,8 @@ def check_policy(policy: Policy) -> list[str]:
             )
         seen.setdefault(route.name, i)
         issues += _route_issues(i, route, policy)
+    # Bulkheads and the fallback chain: pool sizes, fallback upstreams, CEL rules compiled now.
+    issues += degradation_issues(policy)
     return issues
 
 

@@ -20,7 +20,17 @@ from sidecar.server.state import STATE, SidecarState
 
 __all__ = ["admin_app", "error_json", "json_response", "require_scope"]
 
-_SECRET_KEYS = ("token", "secret", "password", "authorization", "api_key", "apikey", "dsn")
+# "webhook": a Slack (or similar) webhook URL is itself a credential.
+_SECRET_KEYS = (
+    "token",
+    "secret",
+    "password",
+    "authorization",
+    "api_key",
+    "apikey",
+    "dsn",
+    "webhook",
+)
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -131,6 +141,12 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response({"status": "ready"})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition of the app's own registry (open, like the health checks)."""
+    body, content_type = request.app[STATE].metrics.render(request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
 @require_scope("admin")
 async def policy(request: web.Request) -> web.Response:
     state = request.app[STATE]
@@ -144,6 +160,13 @@ async def policy(request: web.Request) -> web.Response:
 async def breakers(request: web.Request) -> web.Response:
     state = request.app[STATE]
     return json_response({"breakers": [b.snapshot() for b in state.breakers.values()]})
+
+
+@require_scope("admin")
+async def bulkheads(request: web.Request) -> web.Response:
+    """Each bulkhead's in-flight count, queue and (adaptive) limit."""
+    state = request.app[STATE]
+    return json_response({"bulkheads": [b.snapshot() for b in state.bulkheads.values()]})
 
 
 @require_scope("admin")
@@ -180,7 +203,15 @@ def admin_app(state: SidecarState) -> web.Application:
     app[STATE] = state
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/policy", policy)
     app.router.add_get("/admin/breakers", breakers)
+    app.router.add_get("/admin/bulkheads", bulkheads)
     app.router.add_post("/admin/breakers/{upstream}", force_breaker)
+    from sidecar.review.api import add_review_routes  # it imports this module's helpers
+
+    add_review_routes(app)
+    from sidecar.failures.feedback import add_feedback_routes  # imports this module too
+
+    add_feedback_routes(app)
     return app

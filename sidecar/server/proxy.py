@@ -14,10 +14,15 @@ import secrets
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from sidecar.context import RequestContext
 from sidecar.errors import FailureMode, SidecarError
+from sidecar.failures.capture import CAPTURE_ERROR, CAPTURE_REQUEST, CAPTURE_RESPONSE
+from sidecar.outcome import Outcome
 from sidecar.pipeline import ProxyRequest, ProxyResponse, RequestBody
+from sidecar.policy.builder import RuntimePolicy
+from sidecar.server.observe import begin_request, first_byte_sent
 from sidecar.server.respond import (
     envelope,
     error_status,
@@ -26,13 +31,13 @@ from sidecar.server.respond import (
     sse_error_event,
 )
 from sidecar.server.state import STATE, SidecarState
+from sidecar.telemetry.events import FIRST_BYTE_KEY
 from sidecar.telemetry.logging import get_logger
 from sidecar.transport.headers import clean_request_headers, clean_response_headers, is_upgrade
 
 __all__ = ["ProxyHandler"]
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
 
 log = get_logger("sidecar.access")
 
@@ -44,15 +49,15 @@ def _request_id(request: web.Request) -> str:
     return secrets.token_hex(16)
 
 
-def _trace_ids(request: web.Request) -> tuple[str, str]:
-    match = _TRACEPARENT.match(request.headers.get("traceparent", "").strip())
-    if match and match.group(1) != "0" * 32:
-        return match.group(1), secrets.token_hex(8)
-    return secrets.token_hex(16), secrets.token_hex(8)
+def _final_outcome(ctx: RequestContext) -> Outcome:
+    if ctx.failure_mode == FailureMode.CLIENT_CANCELLED:
+        return Outcome.ERROR
+    return outcome_of(ctx)
 
 
 def _error_response(err: SidecarError, ctx: RequestContext) -> web.Response:
     ctx.failure_mode = ctx.failure_mode or err.mode
+    ctx.extra[CAPTURE_ERROR] = err  # the failure record's cause and response excerpt
     headers = sidecar_headers(ctx, err)
     response = web.Response(
         status=error_status(err), body=envelope(err, ctx), content_type="application/json"
@@ -70,7 +75,6 @@ class ProxyHandler:
         state = self.state
         clock = state.clock
         runtime = state.runtime
-        trace_id, span_id = _trace_ids(request)
         ctx = RequestContext(
             request_id=_request_id(request),
             route="",
@@ -79,10 +83,12 @@ class ProxyHandler:
             started=clock.monotonic(),
             method=request.method,
             path=request.path if request.raw_path.startswith("/") else "",
-            trace_id=trace_id,
-            span_id=span_id,
         )
+        # The server span (parent: the caller's traceparent); sets ctx.trace_id and ctx.sink.
+        observed = begin_request(state, request, ctx)
         state.request_started()
+        if state.guard is not None:
+            state.guard.request_started(request.transport, request.content)
         status = 0
         try:
             response = await self._handle(request, ctx, runtime)
@@ -94,18 +100,26 @@ class ProxyHandler:
             status = 499
             raise
         finally:
+            # Bulkhead slots are freed and fully delivered answers cached before the log line.
+            ctx.finish()
             state.request_finished()
+            if state.guard is not None:
+                state.guard.request_finished(request.transport)
+            # Ends the spans (the sampling decision), records metrics, feeds the alert rules.
+            observed.finish(ctx, status, _final_outcome(ctx))
             self._access_log(ctx, status)
+            if state.failures is not None:
+                # Queues a record for a failed request; never blocks or raises.
+                state.failures.request_finished(ctx, status, _final_outcome(ctx))
 
     async def _handle(
         self, request: web.Request, ctx: RequestContext, runtime: object
     ) -> web.StreamResponse:
-        from sidecar.policy.builder import RuntimePolicy
-
         try:
             if not isinstance(runtime, RuntimePolicy):
                 raise SidecarError(FailureMode.OVERLOADED, "no policy loaded yet", retry_after=1)
             self._check_request(request)
+            self._check_head(request, runtime)
             route = runtime.match(request.method, request.path)
             if route is None:
                 raise SidecarError(
@@ -115,7 +129,13 @@ class ProxyHandler:
                 )
             ctx.route = route.name
             ctx.upstream = route.upstream
-            body = await self._read_body(request, ctx, runtime.max_body, route.replay_limit)
+            body = await self._read_body(
+                request,
+                ctx,
+                runtime.max_body,
+                route.replay_limit,
+                runtime.policy.limits.body_idle,
+            )
             proxy_request = ProxyRequest(
                 method=request.method,
                 path_qs=request.raw_path,
@@ -128,12 +148,63 @@ class ProxyHandler:
                 body=body,
             )
             proxy_request.headers.append(("x-request-id", ctx.request_id))
+            ctx.extra[CAPTURE_REQUEST] = proxy_request  # excerpted only if the request fails
             upstream_response = await route.handler(proxy_request, ctx)
+            ctx.extra[CAPTURE_RESPONSE] = upstream_response
         except SidecarError as err:
-            return _error_response(err, ctx)
+            # A caller body that broke the limits while streaming upstream is the real cause.
+            body_error = ctx.extra.get("body_error")
+            return _error_response(body_error if isinstance(body_error, SidecarError) else err, ctx)
+        except Exception:
+            body_error = ctx.extra.get("body_error")
+            if isinstance(body_error, SidecarError):
+                return _error_response(body_error, ctx)
+            raise
         return await self._stream(request, ctx, upstream_response)
 
+    def _check_head(self, request: web.Request, runtime: RuntimePolicy) -> None:
+        limits = runtime.policy.limits
+        raw = request.raw_headers
+        if len(raw) > limits.max_headers:
+            raise SidecarError(
+                FailureMode.CLIENT_ERROR,
+                f"{len(raw)} request headers is over the limit of {limits.max_headers}",
+                status=431,
+            )
+        size = sum(len(k) + len(v) + 4 for k, v in raw)
+        if size > limits.max_header_bytes:
+            raise SidecarError(
+                FailureMode.CLIENT_ERROR,
+                f"request headers of {size} bytes are over the limit of "
+                f"{limits.max_header_bytes} bytes",
+                status=431,
+            )
+
     def _check_request(self, request: web.Request) -> None:
+        version = request.version
+        if version.major != 1:
+            # HTTP/0.9 and HTTP/2.0 request lines: the sidecar speaks HTTP/1.x only.
+            raise SidecarError(
+                FailureMode.CLIENT_ERROR,
+                f"HTTP/{version.major}.{version.minor} is not supported; use HTTP/1.1",
+                status=505,
+            )
+        codings = ",".join(request.headers.getall("Transfer-Encoding", ()))
+        if codings and codings.replace(" ", "").replace("\t", "").lower() != "chunked":
+            # Only `chunked` is undone here; forwarding still-coded bytes (`gzip, chunked`)
+            # as the body would change what the model receives (RFC 9112 section 6.1).
+            raise SidecarError(
+                FailureMode.CLIENT_ERROR,
+                "transfer codings other than chunked are not supported",
+                status=501,
+            )
+        if codings and version.minor == 0:
+            # HTTP/1.0 has no chunked framing: RFC 9112 section 6.1 says treat it as faulty.
+            raise SidecarError(
+                FailureMode.CLIENT_ERROR,
+                "Transfer-Encoding is not valid in an HTTP/1.0 request",
+                status=400,
+            )
         if request.method == "CONNECT":
             raise SidecarError(FailureMode.CLIENT_ERROR, "CONNECT is not supported", status=501)
         if is_upgrade(request.headers.items()):
@@ -152,7 +223,12 @@ class ProxyHandler:
             )
 
     async def _read_body(
-        self, request: web.Request, ctx: RequestContext, max_body: int, replay_limit: int
+        self,
+        request: web.Request,
+        ctx: RequestContext,
+        max_body: int,
+        replay_limit: int,
+        idle: float,
     ) -> RequestBody:
         declared = request.content_length
         if declared is not None and declared > max_body:
@@ -166,9 +242,27 @@ class ProxyHandler:
         if declared is not None:
             ctx.extra["request_content_length"] = declared
         content = request.content
+
+        async def next_chunk() -> bytes:
+            try:
+                async with asyncio.timeout(idle):
+                    return await content.readany()
+            except TimeoutError:
+                err = SidecarError(
+                    FailureMode.CLIENT_ERROR,
+                    f"request body stalled for {idle:g}s",
+                    status=408,
+                )
+                ctx.extra["body_error"] = err
+                raise err from None
+            except SidecarError as err:
+                # The connection guard ends a body whose framing broke mid-stream.
+                ctx.extra["body_error"] = err
+                raise
+
         buffered = bytearray()
         while len(buffered) <= replay_limit:
-            chunk = await content.readany()
+            chunk = await next_chunk()
             if not chunk:
                 return RequestBody(bytes(buffered))
             buffered += chunk
@@ -183,17 +277,19 @@ class ProxyHandler:
         async def rest() -> AsyncIterator[bytes]:
             nonlocal total
             while True:
-                chunk = await content.readany()
+                chunk = await next_chunk()
                 if not chunk:
                     return
                 total += len(chunk)
                 if total > max_body:
                     # Aborts the upstream request: the model never gets a complete body.
-                    raise SidecarError(
+                    err = SidecarError(
                         FailureMode.CLIENT_ERROR,
                         f"request body is over the limit of {max_body} bytes",
                         status=413,
                     )
+                    ctx.extra["body_error"] = err
+                    raise err
                 yield chunk
 
         return RequestBody(None, rest=rest(), prefix=bytes(buffered))
@@ -211,6 +307,7 @@ class ProxyHandler:
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
         sse = "text/event-stream" in (response.headers.get("Content-Type") or "").lower()
+        self.state.streams.add(upstream.body)
         try:
             await response.prepare(request)
             ctx.response_started = True
@@ -219,8 +316,15 @@ class ProxyHandler:
                 if not chunk:
                     break
                 await response.write(chunk)
+                first_byte_sent(ctx)
             await response.write_eof()
-        except SidecarError as err:
+        except SidecarError as caught:
+            err = caught
+            if self.state.shutting_down:
+                err = SidecarError(
+                    FailureMode.STREAM_INTERRUPTED,
+                    "the sidecar is shutting down and the drain grace period ran out",
+                )
             ctx.failure_mode = err.mode
             ctx.outcome = None
             self._end_visibly(request, response, ctx, err, sse)
@@ -234,6 +338,7 @@ class ProxyHandler:
         except (ConnectionResetError, ConnectionError):
             ctx.failure_mode = FailureMode.CLIENT_CANCELLED
         finally:
+            self.state.streams.discard(upstream.body)
             upstream.body.close()
         return response
 
@@ -246,9 +351,11 @@ class ProxyHandler:
         sse: bool,
     ) -> None:
         ctx.emit("stream_failed", mode=err.mode.value, sse=sse)
+        ctx.extra[CAPTURE_ERROR] = err
         response.force_close()
 
     def _access_log(self, ctx: RequestContext, status: int) -> None:
+        ttfb = ctx.extra.get(FIRST_BYTE_KEY)
         log.info(
             "request",
             method=ctx.method,
@@ -256,24 +363,37 @@ class ProxyHandler:
             status=status,
             route=ctx.route or None,
             upstream=ctx.upstream or None,
-            outcome=outcome_of(ctx).value
-            if ctx.failure_mode != FailureMode.CLIENT_CANCELLED
-            else "error",
+            outcome=_final_outcome(ctx).value,
             failure_mode=ctx.failure_mode.value if ctx.failure_mode else None,
+            fallback=ctx.fallback_kind,
+            confidence=ctx.confidence,
+            confidence_band=ctx.confidence_band,
+            review_id=ctx.review_id,
             attempts=ctx.attempts,
             retries=ctx.retries,
             budget_refused=ctx.budget_refused,
             breaker_state=ctx.breaker_state,
             duration_ms=round(ctx.elapsed() * 1000, 3),
             upstream_ms=round(ctx.upstream_seconds * 1000, 3),
+            ttfb_ms=round(ttfb * 1000, 3) if isinstance(ttfb, float) else None,
             request_id=ctx.request_id,
             trace_id=ctx.trace_id,
+            span_id=ctx.span_id,
         )
 
 
 def proxy_app(state: SidecarState, *, client_max_size: int = 1024**2) -> web.Application:
-    app = web.Application(client_max_size=client_max_size)
+    proxy = ProxyHandler(state)
+
+    @web.middleware
+    async def unrouted(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # CONNECT's authority form and `OPTIONS *` match no path route: the proxy handler still
+        # answers them (501, 400 with the envelope) instead of aiohttp's bare 404.
+        if isinstance(request.match_info.http_exception, web.HTTPNotFound):
+            return await proxy(request)
+        return await handler(request)
+
+    app = web.Application(client_max_size=client_max_size, middlewares=[unrouted])
     app[STATE] = state
-    handler = ProxyHandler(state)
-    app.router.add_route("*", "/{tail:.*}", handler)
+    app.router.add_route("*", "/{tail:.*}", proxy)
     return app

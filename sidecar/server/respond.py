@@ -56,6 +56,8 @@ def envelope(err: SidecarError, ctx: RequestContext | None, request_id: str = ""
             "trace_id": ctx.trace_id if ctx else "",
         }
     }
+    for key, value in err.details.items():
+        body["error"].setdefault(key, value)
     return json.dumps(body, separators=(",", ":")).encode()
 
 

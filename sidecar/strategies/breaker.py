@@ -54,6 +54,10 @@ class BreakerConfig:
     open_for_max: float = 60.0
     jitter: float = 0.1
     half_open_probes: int = 1
+    #: Redis URL the open/closed state is shared through (None: local only). The breaker itself
+    #: never talks to it; `sidecar.transport.breaker_sync` does, in the background.
+    storage: str | None = None
+    storage_prefix: str = "sidecar:breaker:"
 
 
 TransitionListener = Callable[["CircuitBreaker", str, str, "RequestContext | None"], None]
@@ -89,6 +93,10 @@ class CircuitBreaker:
         self.transitions: dict[str, int] = {State.OPEN: 0, State.HALF_OPEN: 0, State.CLOSED: 0}
         self.last_recovery_seconds: float | None = None
         self.listeners: list[TransitionListener] = []
+        #: True while the circuit is open because another replica said so (`adopt_open`).
+        self.open_adopted = False
+        #: Shared-state status (kept up to date by the breaker sync), shown in the snapshot.
+        self.sync: dict[str, Any] | None = None
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -128,8 +136,41 @@ class CircuitBreaker:
         self.reopens += 1
         self.open_count += 1
         self.probes_in_flight = 0
+        self.open_adopted = False
         self.storage.opened_at = dt.datetime.fromtimestamp(self.clock.wall(), tz=dt.UTC)
         self._set_state(State.OPEN, ctx)
+
+    def adopt_open(self, until: float) -> bool:
+        """Another replica opened this circuit until `until` (our monotonic clock): fail fast
+        here too, without counting it as an open of our own (the backoff does not grow). Only
+        opens or extends an open; a half-open probe in flight finds the circuit open and is
+        ignored. Returns True when something changed."""
+        now = self.clock.monotonic()
+        if not self.config.enabled or until <= now:
+            return False
+        if self.state == State.OPEN:
+            if until <= self.open_until:
+                return False
+            self.open_until = until
+            return True
+        self.open_until = until
+        self.opened_at_mono = now
+        if self.first_opened_at_mono is None:
+            self.first_opened_at_mono = now
+        self.probes_in_flight = 0
+        self.open_adopted = True
+        self.storage.opened_at = dt.datetime.fromtimestamp(self.clock.wall(), tz=dt.UTC)
+        self._set_state(State.OPEN, None)
+        return True
+
+    def hasten_probe(self) -> bool:
+        """Another replica's probe succeeded: end our open period now, so the next call probes
+        (our own probe still decides whether this replica closes)."""
+        now = self.clock.monotonic()
+        if self.state != State.OPEN or self.open_until <= now:
+            return False
+        self.open_until = now
+        return True
 
     def _close(self, ctx: RequestContext | None) -> None:
         now = self.clock.monotonic()
@@ -139,6 +180,7 @@ class CircuitBreaker:
         self.opened_at_mono = None
         self.reopens = 0
         self.probes_in_flight = 0
+        self.open_adopted = False
         self.storage.reset_counter()
         self._reset_window()
         self._set_state(State.CLOSED, ctx)
@@ -271,6 +313,7 @@ class CircuitBreaker:
             "open_count": self.open_count,
             "transitions": dict(self.transitions),
             "last_recovery_seconds": self.last_recovery_seconds,
+            **({"shared": {**self.sync, "open_adopted": self.open_adopted}} if self.sync else {}),
         }
 
 
@@ -282,8 +325,11 @@ class BreakerStrategy:
         self, request: ProxyRequest, ctx: RequestContext, next: Handler
     ) -> ProxyResponse:
         breaker = self.breaker
-        probe = breaker.admit(ctx)
-        ctx.breaker_state = breaker.state
+        try:
+            probe = breaker.admit(ctx)
+        finally:
+            # Set even when admission fails fast (circuit_open): logs and failure records say so.
+            ctx.breaker_state = breaker.state
         try:
             response = await next(request, ctx)
         except SidecarError as err:
@@ -298,6 +344,9 @@ class BreakerStrategy:
         except Exception:
             breaker.record_failure(probe, ctx)
             raise
+        finally:
+            # The state after this call, on every path (a tripping error included).
+            ctx.breaker_state = breaker.state
         if counts_against_upstream(classify_status(response.status)):
             breaker.record_failure(probe, ctx)
         else:

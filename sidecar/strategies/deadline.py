@@ -39,7 +39,8 @@ def caller_timeout(request: ProxyRequest) -> float | None:
     raw = header_value(request.headers, "grpc-timeout")
     if raw is not None:
         match = _GRPC.match(raw.strip())
-        if match:
+        # gRPC's TimeoutValue is a positive integer: "0S" is malformed, not "no time at all".
+        if match and int(match.group(1)) > 0:
             return int(match.group(1)) * _GRPC_UNITS[match.group(2)]
     return None
 

@@ -9,6 +9,8 @@ larger answer is classified, never buffered without bound. Streams (SSE) are not
 from __future__ import annotations
 
 import json
+import math
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a valid JSON number")
 
 
+def _finite_float(text: str) -> float:
+    # `1e999` overflows to inf without ever spelling NaN or Infinity.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
 def validate_bytes(
     data: bytes,
     content_type: str,
@@ -56,16 +66,33 @@ def validate_bytes(
         return None
     try:
         if config.reject_non_finite:
-            doc = json.loads(data, parse_constant=_reject_constant)
+            doc = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
         else:
             doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         return f"the model's answer is not valid JSON: {exc}"
+    except RecursionError:
+        return "the model's answer is nested too deeply to parse"
     if validator is not None:
-        error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
+        try:
+            error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
+        except RecursionError:
+            return "the model's answer is nested too deeply to check against the schema"
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "(root)"
             return f"the model's answer violates the schema at {where}: {error.message[:200]}"
+    return None
+
+
+def _decoded(data: bytes, encoding: str, limit: int) -> bytes | None:
+    """The answer without its content coding (the caller still gets the original bytes);
+    None when the coding is unknown or decodes to more than `limit` bytes."""
+    if encoding in ("identity", ""):
+        return data
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS
+        out = zlib.decompressobj(wbits).decompress(data, limit + 1)  # zlib.error: corrupt
+        return None if len(out) > limit else out
     return None
 
 
@@ -108,8 +135,21 @@ class ValidateStrategy:
             response.body.close()
             self._fail(ctx, f"the model's answer is larger than {self.config.max_body} bytes")
         assert data is not None
+        encoding = (response.header("Content-Encoding") or "identity").strip().lower()
+        try:
+            plain = _decoded(data, encoding, self.config.max_body)
+        except zlib.error as exc:
+            self._fail(ctx, f"the model's {encoding} answer is corrupt: {exc}")
+            raise  # unreachable: _fail raises
+        if plain is None:
+            # An encoding we cannot read (br, zstd, ...) or a bomb over the cap: the bytes pass
+            # through unjudged rather than being called invalid.
+            ctx.emit("validation_skipped", reason=f"content-encoding {encoding}")
+            response.body = BytesBody(data)
+            response.content_length = len(data)
+            return response
         problem = validate_bytes(
-            data, content_type, self.config, self.validator, inference=inference
+            plain, content_type, self.config, self.validator, inference=inference
         )
         if problem is not None:
             self._fail(ctx, problem)

@@ -234,6 +234,11 @@ class UpstreamClient:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            # The caller's own body broke (over the limit, stalled, malformed): a client error,
+            # never a failure of the upstream (so the breaker and budget do not count it).
+            body_error = ctx.extra.get("body_error")
+            if isinstance(body_error, SidecarError):
+                raise body_error from exc
             raise map_client_error(exc, after_headers=False) from exc
         finally:
             ctx.upstream_seconds += self.clock.monotonic() - started

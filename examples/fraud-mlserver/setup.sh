@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Creates MLServer's own virtualenv (examples/fraud-mlserver/.venv-mlserver) from PyPI.
+#
+# MLServer pins its own versions of fastapi, pydantic, numpy, ...; they clash with the sidecar's,
+# so it never shares the sidecar's virtualenv. Idempotent: when the virtualenv already holds these
+# exact requirements (a stamp file records them) pip is not run again.
+#
+#   examples/fraud-mlserver/setup.sh            # PYTHON=python3.11 by default
+#   PYTHON=/usr/bin/python3.11 examples/fraud-mlserver/setup.sh
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+venv="${MLSERVER_VENV:-$here/.venv-mlserver}"
+python="${PYTHON:-python3.11}"
+
+# Ranges known to work together on Python 3.11.
+requirements=(
+  "mlserver>=1.6,<1.8"
+  "mlserver-sklearn>=1.6,<1.8"
+  "scikit-learn>=1.4,<1.7"
+  "joblib>=1.3,<2"
+)
+stamp="$venv/.installed"
+wanted="$(printf '%s\n' "${requirements[@]}")"
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] \
+  && "$venv/bin/python" -c 'import mlserver, mlserver_sklearn, sklearn, joblib' 2>/dev/null; then
+  echo "MLServer virtualenv ready: $venv"
+  exit 0
+fi
+
+command -v "$python" >/dev/null 2>&1 || { echo "need $python (Python 3.11)" >&2; exit 1; }
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+"$venv/bin/python" -m pip install --quiet --upgrade pip
+"$venv/bin/python" -m pip install --quiet "${requirements[@]}"
+"$venv/bin/python" -c 'import mlserver, mlserver_sklearn, sklearn, joblib'
+printf '%s\n' "${requirements[@]}" > "$stamp"
+echo "MLServer virtualenv ready: $venv ($("$venv/bin/mlserver" --version 2>/dev/null || echo mlserver))"

@@ -1,0 +1,136 @@
+"""What the failure store keeps and the protocol every backend implements.
+
+Stdlib only. The recorder (`sidecar.failures.capture`) writes records and per-minute request
+counts; the report, the export and the feedback endpoint read them. `sidecar.failures.sqlite` is
+the embedded backend; a PostgreSQL backend for several replicas implements the same
+`FailureStore` protocol.
+
+Contract of a backend:
+- `write` stores records and adds request counts in one transaction and returns only after it
+  committed. Records arrive already redacted: a backend stores what it is given.
+- `list` pages through records in (time, id) order; a page's `next_cursor` resumes after it.
+- `request_counts` sums the per-minute counters between two times.
+- `purge` deletes records and counters older than `max_age` seconds, then the oldest records
+  beyond `max_rows`.
+- Every failure of the backend itself (disk, permissions, corruption) raises `FailureStoreError`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+__all__ = [
+    "FailurePage",
+    "FailureQuery",
+    "FailureRecord",
+    "FailureStore",
+    "FailureStoreError",
+    "RecordKind",
+    "RequestCount",
+]
+
+
+class RecordKind(enum.StrEnum):
+    #: A request that failed, fell back, was shed, escalated or rejected.
+    REQUEST = "request"
+    #: A circuit breaker transition (the report's recovery times come from these).
+    BREAKER = "breaker"
+    #: The application reported an answer as wrong after the fact (`POST /feedback`).
+    FEEDBACK = "feedback"
+
+
+class FailureStoreError(Exception):
+    """The backend itself failed (I/O, permissions, a corrupt file): nothing was stored."""
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    """One stored failure. Excerpts are JSON text, already redacted and capped."""
+
+    id: str
+    #: Epoch seconds (wall clock) when the request ended or the event happened.
+    time: float
+    kind: RecordKind
+    route: str
+    upstream: str
+    #: A `FailureMode` value; None for breaker transitions.
+    mode: str | None
+    #: An `Outcome` value for requests; for breaker records, the state entered.
+    outcome: str
+    request_id: str = ""
+    trace_id: str = ""
+    status: int | None = None
+    attempts: int = 0
+    retries: int = 0
+    latency_ms: float | None = None
+    upstream_ms: float | None = None
+    breaker_state: str | None = None
+    confidence: float | None = None
+    confidence_band: str | None = None
+    #: A retry was refused by the retry budget (the `budget_refused` event).
+    retry_budget_exhausted: bool = False
+    fallback_kind: str | None = None
+    review_id: str | None = None
+    upstream_status: int | None = None
+    method: str = ""
+    path: str = ""
+    #: A short, redacted description: the error's message, or the upstream status.
+    cause: str | None = None
+    request_excerpt: str | None = None
+    response_excerpt: str | None = None
+    #: Feedback: the application's note (redacted).
+    note: str | None = None
+    #: JSON-able extras: breaker `from`/`to`/`recovery_seconds`, feedback `linked`, events.
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RequestCount:
+    """Requests that ended in one minute (epoch seconds of its start), by route and outcome."""
+
+    minute: int
+    route: str
+    outcome: str
+    count: int
+
+
+@dataclass(frozen=True)
+class FailureQuery:
+    #: Epoch seconds, inclusive.
+    since: float | None = None
+    #: Epoch seconds, exclusive.
+    until: float | None = None
+    route: str | None = None
+    kinds: tuple[RecordKind, ...] | None = None
+    modes: tuple[str, ...] | None = None
+    request_id: str | None = None
+    limit: int = 500
+    #: Opaque position from a previous page's `next_cursor`.
+    cursor: str | None = None
+    #: Newest first (the feedback lookup wants the latest record of a request).
+    newest_first: bool = False
+
+
+@dataclass(frozen=True)
+class FailurePage:
+    records: list[FailureRecord] = field(default_factory=list)
+    next_cursor: str | None = None
+
+
+class FailureStore(Protocol):
+    async def write(
+        self, records: Sequence[FailureRecord], counts: Sequence[RequestCount]
+    ) -> None: ...
+
+    async def list(self, query: FailureQuery) -> FailurePage: ...
+
+    async def request_counts(
+        self, since: float | None, until: float | None, route: str | None = None
+    ) -> Sequence[RequestCount]: ...
+
+    async def purge(self, now: float, max_age: float, max_rows: int | None) -> int: ...
+
+    async def close(self) -> None: ...

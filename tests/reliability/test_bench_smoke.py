@@ -1,0 +1,145 @@
+"""The benchmark harness measures what it says: every scheduled request is sent and counted once,
+latency runs from the scheduled send, late sends are visible, streams and timeouts are seen, and
+a quick run's report never erases the full run's section. Nothing here times the sidecar."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from scripts import bench_report
+from scripts.bench_load import Request, percentile, run_open_loop
+from scripts.bench_scenarios import CHAT, SSE, _fold, agg, summarize, with_fault
+
+
+def _hostport(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+async def _model_requests(url: str) -> int:
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/_demo/stats") as resp:
+        return int((await resp.json())["requests"])
+
+
+@pytest.mark.timeout(60)
+async def test_every_scheduled_request_is_sent_once_and_answered(model_url: str) -> None:
+    res = await run_open_loop(*_hostport(model_url), CHAT, rate=100, duration=1.0)
+    assert len(res.samples) == 100
+    assert all(s.ok and s.status == 200 for s in res.samples)
+    assert await _model_requests(model_url) == 100
+    scheduled = sorted(s.scheduled for s in res.samples)
+    gaps = [b - a for a, b in itertools.pairwise(scheduled)]
+    assert all(abs(g - 0.01) < 1e-6 for g in gaps)  # a fixed schedule, whatever the answers did
+    summary = summarize(res)
+    assert summary["errors"] == 0
+    assert 0 < summary["p50"] <= summary["p99"] <= summary["max"]
+
+
+@pytest.mark.timeout(60)
+async def test_late_sends_are_counted_and_charged_to_latency(model_url: str) -> None:
+    def stall(elapsed: float) -> None:
+        if 0.1 <= elapsed < 0.105:
+            time.sleep(0.1)  # the generator falls behind for 100 ms
+
+    res = await run_open_loop(*_hostport(model_url), CHAT, rate=200, duration=0.5, on_tick=stall)
+    assert res.late_sends >= 10
+    late = [s for s in res.samples if s.late > 0.05]
+    assert late and all(s.latency >= s.late for s in late)
+
+
+@pytest.mark.timeout(60)
+async def test_streams_report_first_event_and_every_event(model_url: str) -> None:
+    res = await run_open_loop(*_hostport(model_url), SSE, rate=20, duration=0.5)
+    assert len(res.samples) == 10
+    for s in res.samples:
+        assert s.ok
+        assert s.events == 8  # six tokens, the finish chunk, [DONE]
+        assert s.first_event is not None and 0 < s.first_event <= s.latency
+
+
+@pytest.mark.timeout(60)
+async def test_a_hung_request_times_out_at_the_callers_limit(model_url: str) -> None:
+    res = await run_open_loop(
+        *_hostport(model_url), with_fault(CHAT, "hang"), rate=10, duration=0.3, timeout=0.3
+    )
+    assert [s.error for s in res.samples] == ["timeout"] * 3
+    assert all(0.3 <= s.latency < 1.0 for s in res.samples)
+
+
+@pytest.mark.timeout(60)
+async def test_status_and_connection_errors_are_errors(model_url: str) -> None:
+    res = await run_open_loop(
+        *_hostport(model_url), with_fault(CHAT, "status=503"), rate=20, duration=0.25
+    )
+    assert [s.status for s in res.samples] == [503] * 5
+    assert summarize(res)["error_kinds"] == {"503": 5}
+    # Nothing listens on port 1: the connection error is a sample, not a crash.
+    res = await run_open_loop("127.0.0.1", 1, Request(), rate=10, duration=0.2, warm_connections=0)
+    assert all(s.error and s.error.startswith("connect") for s in res.samples)
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50
+    assert percentile(values, 99) == 99
+    assert percentile(values, 99.9) == 100
+    assert math.isnan(percentile([], 50))
+    assert agg([3.0, 1.0, 2.0]) == {
+        "median": 2.0,
+        "min": 1.0,
+        "max": 3.0,
+        "values": [3.0, 1.0, 2.0],
+    }
+
+
+def _fake_results(mode: str, added_p50: float) -> dict[str, Any]:
+    def run(p50: float, cpu: float | None) -> dict[str, Any]:
+        out = {"p50": p50, "p99": p50 * 2, "errors": 0, "n": 100, "late": 0}
+        if cpu is not None:
+            out["cpu_ms"] = cpu
+        return out
+
+    runs = {
+        "direct": [run(1.0, None) for _ in range(3)],
+        "all": [run(1.0 + added_p50, 0.2) for _ in range(3)],
+    }
+    return {"mode": mode, "rounds": 3, "healthy": {"200": _fold(runs, ["direct", "all"])}}
+
+
+def test_report_sections_and_targets(tmp_path: Path) -> None:
+    out = tmp_path / "benchmarks.md"
+    bench_report.write(_fake_results("full", 0.3), out, tmp_path)
+    bench_report.write(_fake_results("quick", 0.9), out, tmp_path)
+    text = out.read_text()
+    full = text.split("<!-- bench:full:start -->")[1]
+    quick = text.split("<!-- bench:quick:start -->")[1].split("<!-- bench:quick:end -->")[0]
+    assert "Full run" in full and "Quick run" in quick
+    # The full section still has its own figure after the quick run rewrote its section.
+    assert "| added p50 ≤ 0.5 ms at 200 rps, every feature on | 0.300 ms | met |" in full
+    assert "| added p50 ≤ 0.5 ms at 200 rps, every feature on | 0.900 ms | **missed** |" in quick
+    assert "| ≤ 0.33 CPU-ms per request, every feature on (200 rps) | 0.200 CPU-ms | met |" in full
+
+
+def test_the_quick_run_is_what_make_bench_quick_runs() -> None:
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    assert "-m scripts.bench --quick" in makefile
+
+
+async def test_open_loop_keeps_its_schedule_while_answers_are_slow(model_url: str) -> None:
+    # 300 ms per answer at 20 requests/s: a closed loop would send 4; open loop sends all 10.
+    task = asyncio.create_task(
+        run_open_loop(
+            *_hostport(model_url), with_fault(CHAT, "latency=300ms"), rate=20, duration=0.5
+        )
+    )
+    res = await asyncio.wait_for(task, 10)
+    assert len(res.samples) == 10 and all(s.ok for s in res.samples)
+    assert res.late_sends == 0
