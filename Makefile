@@ -24,7 +24,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 test: $(STAMP)
-	@scripts/ensure-system-deps.sh prometheus
+	@scripts/ensure-system-deps.sh prometheus chromium
 	$(MAKE) lint typecheck
 	$(BIN)/pytest -q
 

@@ -284,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--charts", type=Path, default=DOCS, help="where the PNG charts go")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results")
     parser.add_argument(
+        "--only",
+        default=None,
+        help=f"full run: only these scenarios, comma-separated ({','.join(SCENARIOS)}); with "
+        "--json naming an earlier full run's file, the new results replace those in it",
+    )
+    parser.add_argument(
         "--from-json",
         type=Path,
         default=None,

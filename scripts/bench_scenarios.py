@@ -674,13 +674,14 @@ async def always_503(
             out["attempts_per_request"] = round(model["requests"] / n, 3)
             samples = sorted(res.samples, key=lambda s: s.scheduled)
             start = samples[0].scheduled if samples else 0.0
-            opened = next(
-                (i for i, s in enumerate(samples) if s.failure_mode == "circuit_open"), None
-            )
-            fast = [s for s in samples if s.failure_mode == "circuit_open"]
-            if opened is not None:
-                out["open_after_ms"] = _ms(samples[opened].scheduled - start)
-                out["open_after_requests"] = opened
+            # The breaker opened when the first `circuit_open` answer came back; fail-fast
+            # latency is that of requests *sent* after it (earlier ones met it on a retry).
+            open_answers = [s for s in samples if s.failure_mode == "circuit_open"]
+            if open_answers:
+                opened_at = min(s.scheduled + s.latency for s in open_answers)
+                fast = [s for s in open_answers if s.scheduled >= opened_at]
+                out["open_after_ms"] = _ms(opened_at - start)
+                out["open_after_requests"] = sum(1 for s in samples if s.scheduled < opened_at)
                 out["failfast_n"] = len(fast)
                 out["failfast_p50"] = _ms(percentile(sorted(s.latency for s in fast), 50))
                 out["failfast_p99"] = _ms(percentile(sorted(s.latency for s in fast), 99))
@@ -739,16 +740,18 @@ async def flapping(
             variants[key] = v
             if is_fresh and v.proc is not None:
                 fresh.append(v.proc)
-        downs: list[float] = []
+        # (just before, just after) each fault was registered: it started somewhere between.
+        downs: list[tuple[float, float]] = []
         await env.demo("DELETE", "/_demo/faults")
 
-        async def control(downs: list[float] = downs) -> None:
+        async def control(downs: list[tuple[float, float]] = downs) -> None:
             t0 = time.perf_counter()
             for c in range(cycles):
                 at = t0 + lead + c * (down + up)
                 await asyncio.sleep(max(0.0, at - time.perf_counter()))
+                before = time.perf_counter()
                 await env.demo("POST", "/_demo/faults", {"spec": "status=503", "seconds": down})
-                downs.append(time.perf_counter())
+                downs.append((before, time.perf_counter()))
 
         try:
             results = await asyncio.gather(
@@ -768,7 +771,7 @@ async def flapping(
             out = _flap_figures(res, downs, down, up)
             runs[key].append(out)
             if r == 0:
-                timelines[key] = _timeline(res, downs[0] - lead if downs else 0.0)
+                timelines[key] = _timeline(res, downs[0][0] - lead if downs else 0.0)
             log(
                 f"  flap round {r + 1} {key:>13}: goodput up {out['goodput_up']} "
                 f"recovery {out['recovery_ms']} ms after-5s {out['success_after_5s']}"
@@ -797,20 +800,25 @@ async def flapping(
     }
 
 
-def _flap_figures(res: LoadResult, downs: list[float], down: float, up: float) -> dict[str, Any]:
+def _flap_figures(
+    res: LoadResult, downs: list[tuple[float, float]], down: float, up: float
+) -> dict[str, Any]:
+    """Down windows run from just before a fault was registered to `down` seconds after it
+    was; a heal is the end of one, so no request is charged to the wrong phase."""
     samples = sorted(res.samples, key=lambda s: s.scheduled)
     n = max(1, len(samples))
-    heals = [d + down for d in downs]
+    heals = [after + down for _, after in downs]
+    starts = [before for before, _ in downs]
 
     def is_down(s: Sample) -> bool:
-        return any(d <= s.scheduled < d + down for d in downs)
+        return any(b <= s.scheduled < a + down for b, a in downs)
 
     in_down = [s for s in samples if is_down(s)]
     in_up = [s for s in samples if not is_down(s)]
     recovery: list[float | None] = []
     after5: list[float | None] = []
     for h in heals:
-        nxt = min([d for d in downs if d > h] + [h + up])
+        nxt = min([d for d in starts if d > h] + [h + up])
         phase = [s for s in samples if h <= s.scheduled < nxt]
         if not phase:
             continue

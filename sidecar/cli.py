@@ -113,6 +113,18 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return run_migrate(args)
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from sidecar.doctor import run_doctor
+
+    return run_doctor(args)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from sidecar.status import run_status
+
+    return run_status(args)
+
+
 def _cmd_inject(args: argparse.Namespace) -> int:
     from sidecar import inject
 
@@ -143,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_failures_parser(sub)
     add_calibrate_parser(sub)
+    from sidecar.doctor import add_doctor_parser
+    from sidecar.status import add_status_parser
+
+    add_doctor_parser(sub)
+    add_status_parser(sub)
     return parser
 
 
@@ -155,6 +172,9 @@ _COMMANDS = {
     "migrate": _cmd_migrate,
     "failures": _cmd_failures,
     "calibrate": _cmd_calibrate,
+    "doctor": _cmd_doctor,
+    "status": _cmd_status,
+    "inject": _cmd_inject,
 }
 
 

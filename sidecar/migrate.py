@@ -33,6 +33,8 @@ def add_migrate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 async def _migrate(args: argparse.Namespace) -> int:
+    from sidecar.failures.postgres import PostgresFailureStore
+    from sidecar.failures.store import FailureStoreError
     from sidecar.policy.loader import PolicyError, load_policy
     from sidecar.policy.reviews import review_settings
     from sidecar.policy.schema import ReviewsPolicy
@@ -61,17 +63,30 @@ async def _migrate(args: argparse.Namespace) -> int:
     try:
         if isinstance(store, PostgresReviewStore):
             applied = await store.migrate()
-            done = ", ".join(str(v) for v in applied) if applied else "none (up to date)"
-            print(f"reviews: {settings.describe()}: migrations applied: {done}")
+            print(f"reviews: {settings.describe()}: migrations applied: {_versions(applied)}")
+            # The failure store shares the database (and schema) when it lives in PostgreSQL.
+            assert settings.database_url is not None
+            failures = PostgresFailureStore(
+                settings.database_url, schema=settings.database_schema, timeout=settings.timeout
+            )
+            try:
+                applied = await failures.migrate()
+            finally:
+                await failures.close()
+            print(f"failures: {settings.describe()}: migrations applied: {_versions(applied)}")
         else:
             await store.backlog()  # opens the file and creates or upgrades its tables
             print(f"reviews: {settings.describe()}: ready")
-    except ReviewStoreError as exc:
+    except (ReviewStoreError, FailureStoreError) as exc:
         print(f"sidecar migrate: {exc}", file=sys.stderr)
         return 1
     finally:
         await store.close()
     return 0
+
+
+def _versions(applied: list[int]) -> str:
+    return ", ".join(str(v) for v in applied) if applied else "none (up to date)"
 
 
 def run_migrate(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import argparse
 import json
 import random
 import time
+import urllib.error
 from pathlib import Path
 
 from v2 import LABELS, Answer, post, read_holdout  # beside this script
@@ -69,7 +70,10 @@ def main() -> None:
         while True:
             for kind, features, label in batch:
                 started = time.monotonic()
-                answer = post(args.sidecar, features)
+                try:
+                    answer = post(args.sidecar, features)
+                except (urllib.error.URLError, ConnectionError) as exc:
+                    raise SystemExit(f"cannot reach the sidecar at {args.sidecar}: {exc}") from None
                 ms = (time.monotonic() - started) * 1000
                 print(_row(kind, features, label, answer, ms), flush=True)
             if not args.loop:
@@ -77,8 +81,6 @@ def main() -> None:
             time.sleep(args.loop)
     except KeyboardInterrupt:
         pass
-    except OSError as exc:
-        raise SystemExit(f"cannot reach the sidecar at {args.sidecar}: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -23,16 +23,21 @@ requirements=(
 stamp="$venv/.installed"
 wanted="$(printf '%s\n' "${requirements[@]}")"
 
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] \
-  && "$venv/bin/python" -c 'import mlserver, mlserver_sklearn, sklearn, joblib' 2>/dev/null; then
+installed() {  # cheap: finds the packages without importing them
+  "$venv/bin/python" -c 'import importlib.util as u, sys
+sys.exit(any(u.find_spec(m) is None for m in ("mlserver", "mlserver_sklearn", "sklearn", "joblib")))'
+}
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] && installed 2>/dev/null; then
   echo "MLServer virtualenv ready: $venv"
   exit 0
 fi
 
-command -v "$python" >/dev/null 2>&1 || { echo "need $python (Python 3.11)" >&2; exit 1; }
+command -v "$python" >/dev/null 2>&1 || { echo "need $python (Python 3.11), or set PYTHON" >&2; exit 1; }
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet "${requirements[@]}"
+# --no-compile: byte-compiling all of pandas, scipy and scikit-learn up front is a large share of
+# the install time; Python compiles what MLServer actually imports on first use.
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile \
+  "${requirements[@]}"
 "$venv/bin/python" -c 'import mlserver, mlserver_sklearn, sklearn, joblib'
 printf '%s\n' "${requirements[@]}" > "$stamp"
 echo "MLServer virtualenv ready: $venv ($("$venv/bin/mlserver" --version 2>/dev/null || echo mlserver))"

@@ -208,7 +208,8 @@ class FailureRecorder:
         #: Plain counters (also in the metrics when a registry is given).
         self.written: dict[str, int] = {}
         self.dropped: dict[str, int] = {}
-        registry = registry or CollectorRegistry(auto_describe=True)
+        if registry is None:  # a bare recorder (tests): metrics of its own
+            registry = CollectorRegistry(auto_describe=True)
         self._written_metric = Counter(
             "sidecar_failure_records",
             "Failure records written to the failure store, by kind.",
@@ -278,7 +279,8 @@ class FailureRecorder:
             retries=ctx.retries,
             latency_ms=round(ctx.elapsed() * 1000, 3),
             upstream_ms=round(ctx.upstream_seconds * 1000, 3),
-            breaker_state=ctx.breaker_state,
+            # Stored as the metrics' label values: closed, half_open, open.
+            breaker_state=ctx.breaker_state.replace("-", "_") if ctx.breaker_state else None,
             confidence=ctx.confidence,
             confidence_band=ctx.confidence_band,
             retry_budget_exhausted=ctx.budget_refused,
@@ -723,9 +725,22 @@ def install_failure_capture(
 ) -> FailureRecorder:
     """Create the app's recorder on the embedded store under `SIDECAR_STATE_DIR` (opened lazily,
     so an unusable directory only drops records) and wire it to the state and its breakers."""
-    from sidecar.review.desk import state_dir_from_env
+    from sidecar.review.settings import (
+        ReviewSettingsError,
+        resolve_review_settings,
+        state_dir_from_env,
+    )
 
-    store = SqliteFailureStore(state_dir_from_env(env) / DB_NAME)
+    store: FailureStore = SqliteFailureStore(state_dir_from_env(env) / DB_NAME)
+    try:
+        shared = resolve_review_settings(env)
+    except ReviewSettingsError:
+        shared = None  # the review queue reports the bad setting itself at start-up
+    if shared is not None and shared.backend == "postgres" and shared.database_url:
+        # Replicas sharing a PostgreSQL review queue share the failure store too.
+        from sidecar.failures.postgres import PostgresFailureStore
+
+        store = PostgresFailureStore(shared.database_url, schema=shared.database_schema)
 
     def policy() -> Policy | None:
         return state.runtime.policy if state.runtime is not None else None

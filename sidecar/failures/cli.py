@@ -131,7 +131,7 @@ def add_calibrate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
-    from sidecar.review.desk import state_dir_from_env
+    from sidecar.review.settings import state_dir_from_env
 
     return Path(args.state_dir) if args.state_dir else state_dir_from_env()
 
@@ -216,10 +216,20 @@ async def _failures(args: argparse.Namespace) -> int:
 
     since, until = _range(args)
     since = since if since is not None else 0.0
-    path = _state_dir(args) / DB_NAME
-    if not path.is_file():
-        raise _Missing(f"no failure store at {path} (set --state-dir or SIDECAR_STATE_DIR)")
-    store = SqliteFailureStore(path, read_only=True)
+    store: Any
+    shared_url = os.environ.get("SIDECAR_DATABASE_URL", "")
+    if shared_url.startswith(("postgresql://", "postgres://")):
+        # The same store the sidecars write when they share a PostgreSQL queue.
+        from sidecar.failures.postgres import PostgresFailureStore
+
+        store = PostgresFailureStore(
+            shared_url, schema=os.environ.get("SIDECAR_DATABASE_SCHEMA") or None
+        )
+    else:
+        path = _state_dir(args) / DB_NAME
+        if not path.is_file():
+            raise _Missing(f"no failure store at {path} (set --state-dir or SIDECAR_STATE_DIR)")
+        store = SqliteFailureStore(path, read_only=True)
     try:
         if args.failures_command == "report":
             _png_check(args.png)
@@ -255,6 +265,17 @@ def run_reviews_export(args: argparse.Namespace) -> int:
     return _run("sidecar reviews export", lambda: _reviews_export(args))
 
 
+def _review_store(args: argparse.Namespace, policy: Any) -> Any:
+    """The review store to read: PostgreSQL or SQLite, as the sidecar would pick it."""
+    from sidecar.failures.labels import open_review_store
+    from sidecar.review.settings import ReviewSettingsError
+
+    try:
+        return open_review_store(Path(args.state_dir) if args.state_dir else None, policy)
+    except ReviewSettingsError as exc:
+        raise _Usage(str(exc)) from None
+
+
 def _redactor(policy: Any) -> Any:
     from sidecar.failures.capture import capture_config
     from sidecar.failures.redact import Redactor
@@ -266,12 +287,12 @@ def _redactor(policy: Any) -> Any:
 
 async def _reviews_export(args: argparse.Namespace) -> int:
     from sidecar.failures.export import export_reviews
-    from sidecar.failures.labels import open_review_store
     from sidecar.review.store import ReviewStoreError
 
     since, until = _range(args)
-    redactor = None if args.no_redact else _redactor(_policy(args.policy))
-    store = open_review_store(_state_dir(args))
+    policy = _policy(args.policy)
+    redactor = None if args.no_redact else _redactor(policy)
+    store = _review_store(args, policy)
     try:
         with _output(args.output) as out:
             count = await _closing(
@@ -347,14 +368,18 @@ def _examples_from_file(path: str, route: str | None, audit_sample: float | None
 
 
 async def _examples(
-    args: argparse.Namespace, audit_sample: float | None, since: float | None, until: float
+    args: argparse.Namespace,
+    policy: Any,
+    audit_sample: float | None,
+    since: float | None,
+    until: float,
 ) -> list[Example]:
-    from sidecar.failures.labels import label_of, labelled_example, open_review_store, read_reviews
+    from sidecar.failures.labels import label_of, labelled_example, read_reviews
     from sidecar.review.store import ReviewStoreError
 
     if args.input:
         return _examples_from_file(args.input, args.route, audit_sample)
-    store = open_review_store(_state_dir(args))
+    store = _review_store(args, policy)
     try:
         items = await _closing(
             store, read_reviews(store, route=args.route, since=since, until=until)
@@ -389,11 +414,12 @@ async def _calibrate(args: argparse.Namespace) -> int:
     )
     costs_given = any(c is not None for c in given)
     _png_check(args.png)
-    confidence = _route_confidence(_policy(args.policy), args.route)
+    policy = _policy(args.policy)
+    confidence = _route_confidence(policy, args.route)
     audit_sample = args.audit_sample
     if audit_sample is None and confidence is not None and confidence.audit_sample > 0:
         audit_sample = confidence.audit_sample
-    examples = await _examples(args, audit_sample, since, until)
+    examples = await _examples(args, policy, audit_sample, since, until)
     if not examples:
         raise _Missing(
             "no resolved reviews with a confidence score to learn from"

@@ -11,6 +11,7 @@ calibration when the policy's `audit_sample` is known.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,15 +36,33 @@ def label_of(decision: Decision | None) -> str | None:
     return "correct" if decision is Decision.APPROVE else "wrong"
 
 
-def open_review_store(state_dir: Path) -> ReviewStore:
-    """The embedded review store under a state directory; `FileNotFoundError` when there is
-    none (a command reading it must not create an empty one)."""
-    from sidecar.review.sqlite import DB_NAME, SqliteReviewStore
+def open_review_store(state_dir: Path | None = None, policy: Any = None) -> ReviewStore:
+    """The review store the sidecar would use (PostgreSQL when the policy's `reviews` section
+    and the environment say so, else SQLite under the state directory), opened only to read.
+    `FileNotFoundError` when there is no SQLite file: reading must not create an empty one."""
+    from dataclasses import replace
 
-    path = state_dir / DB_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no review store at {path}")
-    return SqliteReviewStore(path)
+    from sidecar.review.settings import open_review_store as open_store
+    from sidecar.review.settings import resolve_review_settings
+
+    section = getattr(policy, "reviews", None)
+    # Webhooks are for the running sidecar: their variables must not stop a read.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_WEBHOOK")}
+    settings = resolve_review_settings(
+        env,
+        store=getattr(section, "store", "auto"),
+        url_env=getattr(section, "url_env", "SIDECAR_DATABASE_URL"),
+        database_schema=getattr(section, "database_schema", None),
+    )
+    if settings.backend == "sqlite":
+        from sidecar.review.sqlite import DB_NAME
+
+        if state_dir is not None:
+            settings = replace(settings, state_dir=state_dir)
+        path = settings.state_dir / DB_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no review store at {path}")
+    return open_store(settings)
 
 
 async def read_reviews(

@@ -91,7 +91,7 @@ def breaker_config(policy: BreakerPolicy) -> BreakerConfig:
 
 def hedge_config(policy: HedgePolicy) -> HedgeConfig:
     return HedgeConfig(
-        delay=policy.delay if isinstance(policy.delay, float) else 0.0,
+        delay=policy.seconds or 0.0,
         quantile=policy.quantile,
         max_hedges=policy.max_hedges,
     )

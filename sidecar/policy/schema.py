@@ -234,12 +234,15 @@ _QUANTILE = re.compile(r"^p(\d{1,2}(?:\.\d+)?)$")
 
 
 class HedgePolicy(_Model):
-    """Hedged requests (idempotent routes only): no answer after `delay`, send another attempt;
-    the first good answer wins, the rest are cancelled. Each hedge spends a retry-budget token."""
+    """Hedged requests: a slow attempt gets a second one; the first good answer wins."""
 
-    enabled: bool = Field(False, description="Send hedges on this route (off by default).")
-    delay: float | str = Field(
-        0.05,
+    enabled: bool = Field(
+        False,
+        description="Send hedges on this route (idempotent routes only). Each hedge spends a "
+        "retry-budget token; the losing attempt is cancelled.",
+    )
+    delay: str = Field(
+        "50ms",
         description="Wait this long for an answer before hedging (e.g. 50ms), or the upstream's "
         "recent latency quantile (e.g. p95).",
     )
@@ -247,21 +250,27 @@ class HedgePolicy(_Model):
 
     @field_validator("delay", mode="before")
     @classmethod
-    def _delay(cls, value: object) -> float | str:
+    def _delay(cls, value: object) -> str:
         if isinstance(value, str) and _QUANTILE.match(value.strip().lower()):
             quantile = value.strip().lower()
             if not 0 < float(quantile[1:]) < 100:
                 raise ValueError("a latency quantile must be between p1 and p99.9")
             return quantile
         try:
-            return parse_duration(value)
+            seconds = parse_duration(value)
         except ValueError as exc:
             raise ValueError(f"{exc} (or a latency quantile like p95)") from None
+        return value.strip() if isinstance(value, str) else f"{seconds}s"
 
     @property
     def quantile(self) -> float | None:
         """The latency quantile (0.95 for `p95`), or None for a fixed delay."""
-        return float(self.delay[1:]) / 100 if isinstance(self.delay, str) else None
+        return float(self.delay[1:]) / 100 if self.delay.startswith("p") else None
+
+    @property
+    def seconds(self) -> float | None:
+        """The fixed delay in seconds, or None for a latency quantile."""
+        return None if self.delay.startswith("p") else parse_duration(self.delay)
 
 
 class ValidatePolicy(_Model):
@@ -684,7 +693,7 @@ class FailureRedactPolicy(_Model):
 
 class FailureRetentionPolicy(_Model):
     max_age: Duration = Field(
-        30 * 86400.0, gt=0, description="Records older than this are deleted (e.g. 30d)."
+        30 * 86400.0, gt=0, description="Records older than this are deleted (e.g. 720h)."
     )
     max_rows: int = Field(
         100_000, ge=100, description="The oldest records beyond this many are deleted."

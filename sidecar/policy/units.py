@@ -12,8 +12,8 @@ from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
 __all__ = ["ByteSize", "Duration", "format_duration", "parse_duration", "parse_size"]
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
 _SIZE_UNITS = {
     None: 1,
@@ -78,10 +78,10 @@ Duration = Annotated[
     WithJsonSchema(
         {
             "anyOf": [
-                {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h|d)?$"},
+                {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h)?$"},
                 {"type": "number", "minimum": 0},
             ],
-            "description": "A duration: 250ms, 2s, 5m, 1h, 7d, or a number of seconds.",
+            "description": "A duration: 250ms, 2s, 5m, 1h, or a number of seconds.",
         }
     ),
 ]

@@ -1,2 +1,3 @@
-"""The human review queue: the store protocol and its SQLite backend, the review desk the
-confidence gate hands uncertain answers to, capability status URLs, and the reviewer API."""
+"""The human review queue: the store protocol with its SQLite and PostgreSQL backends, the review
+desk the confidence gate hands uncertain answers to, capability status URLs, the reviewer API,
+webhooks from a durable outbox, and the reviewers' web page."""

@@ -11,7 +11,8 @@
     GET  /reviews/openapi.json     this API as an OpenAPI 3.1 document
 
 Errors use the sidecar's JSON envelope. Store failures answer 503; nothing here blocks the event
-loop (the store runs its SQLite calls on its own thread).
+loop (SQLite calls run on the store's own thread, PostgreSQL is asynchronous). The reviewers' web
+page (`sidecar.review.ui`, `/ui/`) is mounted with these routes.
 """
 
 from __future__ import annotations
@@ -317,3 +318,6 @@ def add_review_routes(app: web.Application) -> None:
     app.router.add_post("/reviews/{id}/claim", claim_review)
     app.router.add_post("/reviews/{id}/resolve", resolve_review)
     app.on_startup.append(_report_backlog)
+    from sidecar.review.ui import add_review_ui
+
+    add_review_ui(app)

@@ -18,6 +18,7 @@ Same contract as the SQLite store (`sidecar.review.store`). Differences that mat
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -229,17 +230,21 @@ class PostgresReviewStore:
                     item = self._item(row, now)
                     if created:
                         await self._add_event(conn, CREATED, item, now)
-                # Said only now: the transaction above committed.
-                await self._maybe_purge(conn, now)
         except DatabaseError as exc:
             raise self._error(exc) from exc
+        # Said only now: the transaction above committed.
+        await self._maybe_purge(now)
         return EnqueueResult(item=item, created=created)
 
-    async def _maybe_purge(self, conn: Connection, now: float) -> None:
+    async def _maybe_purge(self, now: float) -> None:
+        """Retention, at most hourly, best effort: the item is already committed, so a failing
+        purge must not make the caller believe it was not."""
         if self._last_purge is not None and now - self._last_purge < _PURGE_EVERY:
             return
         self._last_purge = now
-        await self._purge(conn, now - self.retention)
+        with contextlib.suppress(DatabaseError):
+            async with self.db.connection() as conn:
+                await self._purge(conn, now - self.retention)
 
     @staticmethod
     async def _purge(conn: Connection, cutoff: float) -> int:

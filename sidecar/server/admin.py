@@ -214,4 +214,7 @@ def admin_app(state: SidecarState) -> web.Application:
     from sidecar.failures.feedback import add_feedback_routes  # imports this module too
 
     add_feedback_routes(app)
+    from sidecar.server.status import add_status_routes  # GET /admin/status; imports this module
+
+    add_status_routes(app)
     return app

@@ -8,7 +8,6 @@ visibly: SSE gets a final `event: error`, other bodies are aborted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import secrets
 from collections.abc import AsyncIterator
@@ -329,9 +328,14 @@ class ProxyHandler:
             ctx.outcome = None
             self._end_visibly(request, response, ctx, err, sse)
             if sse:
-                with contextlib.suppress(Exception):
+                # The error event and the chunked end frame the answer completely, so the
+                # connection stays usable: closing it after headers that promised keep-alive
+                # would make the caller's next request on it fail with a reset.
+                try:
                     await response.write(sse_error_event(err, ctx))
                     await response.write_eof()
+                except Exception:
+                    response.force_close()
             else:
                 if request.transport is not None:
                     request.transport.abort()
@@ -352,7 +356,8 @@ class ProxyHandler:
     ) -> None:
         ctx.emit("stream_failed", mode=err.mode.value, sse=sse)
         ctx.extra[CAPTURE_ERROR] = err
-        response.force_close()
+        if not sse:
+            response.force_close()  # the body is aborted: the connection cannot be reused
 
     def _access_log(self, ctx: RequestContext, status: int) -> None:
         ttfb = ctx.extra.get(FIRST_BYTE_KEY)

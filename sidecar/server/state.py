@@ -93,7 +93,7 @@ class SidecarState:
             self.breaker_sync = BreakerSync(
                 self.clock,
                 log=get_logger("sidecar.breaker_sync"),
-                on_error=self.metrics.breaker_sync_error,
+                on_error=lambda operation: self.metrics.breaker_sync_error(operation),
             )
         return self.breaker_sync
 
@@ -137,8 +137,10 @@ class SidecarState:
             self.idle.set()
 
     def review_queue(self) -> ReviewDesk:
-        """The human review queue (SQLite under `SIDECAR_STATE_DIR`), created on first use;
-        its file opens lazily, so an unusable state directory fails closed per request."""
+        """The human review queue: set by the app from the policy's `reviews` section, else
+        created on first use from the environment (SQLite under `SIDECAR_STATE_DIR`, or
+        PostgreSQL with `SIDECAR_DATABASE_URL`); its store opens lazily, so an unusable one
+        fails closed per request."""
         if self.reviews is None:
             self.reviews = ReviewDesk.from_env(clock=self.clock)
             self.reviews.metrics = self.metrics

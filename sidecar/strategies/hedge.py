@@ -10,7 +10,8 @@ it) and replayable request bodies.
 The delay is fixed, or a quantile (`p95`) of the upstream's recent latency from the
 `LatencyTracker` that retry feeds (no samples yet: no hedge). Each hedge withdraws a token from
 the route's retry budget; without one there is no hedge (`budget_refused` and `hedge_skipped`),
-so hedges can never add more load than retries may.
+so hedges can never add more load than retries may. Nor is there one while the breaker is not
+closed (half-open admits only its probes) or when the body cannot be replayed (`hedge_skipped`).
 
 The first good answer (any status that is not an availability failure) wins. The attempts still
 running are cancelled with `HEDGE_LOST` as the cancellation message: the breaker ignores a
@@ -29,6 +30,7 @@ from typing import Any
 from sidecar.classify import classify_status
 from sidecar.context import RequestContext
 from sidecar.pipeline import Handler, ProxyRequest, ProxyResponse
+from sidecar.strategies.breaker import State
 from sidecar.strategies.budget import RetryBudget
 from sidecar.strategies.latency import LatencyTracker
 
@@ -145,6 +147,10 @@ class HedgeStrategy:
     def _may_hedge(self, request: ProxyRequest, ctx: RequestContext) -> bool:
         if not request.body.replayable:
             ctx.emit("hedge_skipped", reason="body_not_replayable")
+            return False
+        if ctx.breaker_state not in (None, State.CLOSED):
+            # Half-open admits only its probes: a hedge would be refused, its token wasted.
+            ctx.emit("hedge_skipped", reason="breaker_not_closed")
             return False
         if self.budget is not None and not self.budget.try_withdraw():
             ctx.budget_refused = True

@@ -140,3 +140,32 @@ async def test_admin_health_ready_and_token(model_url: str, tmp_path: Path) -> N
                 assert "s3cret" not in await resp.text()
     finally:
         rp.stop()
+
+
+def test_every_subcommand_is_wired() -> None:
+    """Each subcommand the parser offers has a handler (its --help works and it dispatches)."""
+    from sidecar.cli import _COMMANDS, build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) == set(_COMMANDS)  # type: ignore[attr-defined]
+
+
+def test_inject_through_the_cli(tmp_path: Path) -> None:
+    manifest = tmp_path / "app.yaml"
+    manifest.write_text(
+        """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: m}
+spec:
+  selector: {matchLabels: {app: m}}
+  template:
+    metadata: {labels: {app: m}}
+    spec:
+      containers: [{name: model, image: model:1, ports: [{containerPort: 8080}]}]
+"""
+    )
+    result = run_cli("inject", str(manifest))
+    assert result.returncode == 0, result.stderr
+    assert "sidecar" in result.stdout and "restartPolicy: Always" in result.stdout

@@ -13,7 +13,6 @@ import asyncio
 import json
 import socket
 import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -292,26 +291,24 @@ async def test_each_kind_of_failure_is_recorded_and_redacted_on_disk(
     assert await metric(http, sc, "sidecar_failure_records_total", kind="request") == 10
 
     # The team's view: `sidecar failures report` over the same store.
-    report = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sidecar",
-            "failures",
-            "report",
-            "--since",
-            "1h",
-            "--json",
-            "--state-dir",
-            str(state_dir(tmp_path)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sidecar",
+        "failures",
+        "report",
+        "--since",
+        "1h",
+        "--json",
+        "--state-dir",
+        str(state_dir(tmp_path)),
         cwd=REPO,
-        check=True,
+        stdout=asyncio.subprocess.PIPE,
     )
-    data = json.loads(report.stdout)
+    async with asyncio.timeout(30):
+        out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    data = json.loads(out)
     by_key = {(r["route"], r["mode"]): r["count"] for r in data["rows"]}
     assert by_key[("tripped", "circuit_open")] == 1 and by_key[("shed", "overloaded")] == 1
     assert by_key[("gated", "low_confidence")] == 2
@@ -392,7 +389,7 @@ async def test_capture_never_fails_a_request_when_the_state_dir_is_unusable(
     policy["upstreams"]["model"]["breaker"] = {"enabled": False}
     sc = start_sidecar(policy, env={"SIDECAR_STATE_DIR": str(blocker / "state")})
     chat = {"model": "demo", "messages": [{"role": "user", "content": f"hi {EMAIL}"}]}
-    for i in range(5):
+    for _ in range(5):
         status, headers, body = await send(
             http, sc.url + "/v1/chat/completions", chat, {"x-demo-fault": "status=503"}
         )

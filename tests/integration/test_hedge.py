@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import SidecarFactory, SidecarProc, simple_policy
+from tests.conftest import SidecarFactory, SidecarProc, simple_policy, write_policy
+from tests.support.otlp import OtlpReceiver
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -93,15 +95,17 @@ def p90(values: list[float]) -> float:
 
 
 async def test_hedging_cuts_the_tail_and_stays_within_the_retry_budget(
-    model_url: str, start_sidecar: SidecarFactory, http: aiohttp.ClientSession
+    model_url: str, start_sidecar: SidecarFactory, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     slow_count = N // SLOW_EVERY
 
+    # Each its own policy file (a shared one would be reloaded by both).
+    plain_policy = write_policy(tmp_path, policy(model_url, hedge=None), "plain.yaml")
+    hedge = {"enabled": True, "delay": "50ms"}
+    hedged_policy = write_policy(tmp_path, policy(model_url, hedge=hedge), "hedged.yaml")
     plain, hedged = await asyncio.gather(
-        asyncio.to_thread(start_sidecar, policy(model_url, hedge=None)),
-        asyncio.to_thread(
-            start_sidecar, policy(model_url, hedge={"enabled": True, "delay": "50ms"})
-        ),
+        asyncio.to_thread(start_sidecar, plain_policy),
+        asyncio.to_thread(start_sidecar, hedged_policy),
     )
     without, _ = await run_share_of_slow(http, model_url, plain)
     assert sum(1 for s in without if s >= 1.0) == slow_count  # every slow answer was waited for
@@ -156,3 +160,39 @@ async def test_the_retry_budget_caps_hedges_when_every_answer_is_slow(
     assert upstream == n + await metric(http, sc, "sidecar_events_total", event="hedge")
     skip_logs = [r for r in sc.rp.records() if r.get("event") == "hedge_skipped"]
     assert skip_logs and all(r["reason"] == "budget" for r in skip_logs)
+
+
+async def test_each_hedge_is_an_attempt_with_its_own_span_and_the_loser_is_cancelled(
+    model_url: str, start_sidecar: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    otlp = await OtlpReceiver().start()
+    try:
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "50",
+            "SIDECAR_TRACE_SUCCESS_RATIO": "1",
+        }
+        sc = start_sidecar(policy(model_url, hedge={"enabled": True, "delay": "50ms"}), env=env)
+        await add_fault(http, model_url, spec="latency=1s", count=1)
+        async with http.post(sc.url + "/v1/chat/completions", json=CHAT) as resp:
+            assert resp.status == 200
+            trace_id = resp.headers["x-trace-id"]
+            await resp.read()
+        spans = await otlp.wait_trace(trace_id, spans=3)
+    finally:
+        await otlp.stop()
+    (server,) = [s for s in spans if s.kind == "server"]
+    first, hedge = sorted(
+        (s for s in spans if s.kind == "client"), key=lambda s: s.attributes["sidecar.attempt"]
+    )
+    assert server.attributes["sidecar.attempt"] == 2
+    assert {"hedge", "hedge_won"} <= set(server.event_names())
+    assert first.parent_span_id == hedge.parent_span_id == server.span_id
+    # The slow first attempt lost: cancelled (as a hedge that lost), ended when it was cancelled.
+    assert first.attributes["sidecar.failure_mode"] == "client_cancelled"
+    assert first.end_ns < server.end_ns
+    assert hedge.attributes["http.response.status_code"] == 200
+    assert "sidecar.failure_mode" not in hedge.attributes
+    # The model saw the hedge's own span as its parent.
+    seen = (await demo_stats(http, model_url))["last_headers"]
+    assert seen["traceparent"].split("-")[2] == hedge.span_id

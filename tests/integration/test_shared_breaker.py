@@ -15,7 +15,9 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -24,11 +26,12 @@ import redis.asyncio as redis
 from sidecar.clock import MonotonicClock
 from sidecar.strategies.breaker import BreakerConfig, CircuitBreaker, State
 from sidecar.transport.breaker_sync import BreakerSync, redact_url
-from tests.conftest import SidecarFactory, SidecarProc, simple_policy
+from tests.conftest import SidecarFactory, SidecarProc, simple_policy, write_policy
 
 pytestmark = pytest.mark.timeout(60)
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
+#: The machine's Redis (another one with `SIDECAR_TEST_REDIS_URL`).
+REDIS_URL = os.environ.get("SIDECAR_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 UNREACHABLE = "redis://127.0.0.1:1/0"
 CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -69,10 +72,13 @@ def policy(model_url: str, storage: str, prefix: str) -> dict[str, Any]:
     return p
 
 
-async def pair(start: SidecarFactory, policy: dict[str, Any]) -> tuple[SidecarProc, SidecarProc]:
-    """Two replicas with the same policy, started side by side."""
+async def pair(
+    start: SidecarFactory, policy: dict[str, Any], tmp_path: Path
+) -> tuple[SidecarProc, SidecarProc]:
+    """Two replicas with the same policy file, started side by side."""
+    path = write_policy(tmp_path, policy, "replicas.yaml")
     first, second = await asyncio.gather(
-        asyncio.to_thread(start, policy), asyncio.to_thread(start, policy)
+        asyncio.to_thread(start, path), asyncio.to_thread(start, path)
     )
     return first, second
 
@@ -109,9 +115,13 @@ async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float) -
 
 
 async def test_one_replica_opens_and_the_other_fails_fast_without_calling_the_model(
-    model_url: str, start_sidecar: SidecarFactory, http: aiohttp.ClientSession, prefix: str
+    model_url: str,
+    start_sidecar: SidecarFactory,
+    http: aiohttp.ClientSession,
+    prefix: str,
+    tmp_path: Path,
 ) -> None:
-    first, second = await pair(start_sidecar, policy(model_url, REDIS_URL, prefix))
+    first, second = await pair(start_sidecar, policy(model_url, REDIS_URL, prefix), tmp_path)
     for sc in (first, second):
         await wait_until(lambda sc=sc: _connected(http, sc), timeout=10)
         assert (await post(http, sc))[0] == 200
@@ -141,9 +151,13 @@ async def test_one_replica_opens_and_the_other_fails_fast_without_calling_the_mo
 
 
 async def test_an_operator_close_on_one_replica_lets_the_other_probe_at_once(
-    model_url: str, start_sidecar: SidecarFactory, http: aiohttp.ClientSession, prefix: str
+    model_url: str,
+    start_sidecar: SidecarFactory,
+    http: aiohttp.ClientSession,
+    prefix: str,
+    tmp_path: Path,
 ) -> None:
-    first, second = await pair(start_sidecar, policy(model_url, REDIS_URL, prefix))
+    first, second = await pair(start_sidecar, policy(model_url, REDIS_URL, prefix), tmp_path)
     for sc in (first, second):
         await wait_until(lambda sc=sc: _connected(http, sc), timeout=10)
     async with http.post(first.admin_url + "/admin/breakers/model?action=open") as resp:
@@ -158,9 +172,11 @@ async def test_an_operator_close_on_one_replica_lets_the_other_probe_at_once(
 
 
 async def test_with_redis_unreachable_both_replicas_keep_serving_locally(
-    model_url: str, start_sidecar: SidecarFactory, http: aiohttp.ClientSession
+    model_url: str, start_sidecar: SidecarFactory, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    first, second = await pair(start_sidecar, policy(model_url, UNREACHABLE, "unreachable:"))
+    first, second = await pair(
+        start_sidecar, policy(model_url, UNREACHABLE, "unreachable:"), tmp_path
+    )
     for sc in (first, second):
         record = sc.rp.wait_for_log(lambda r: r.get("event") == "breaker_sync_unavailable")
         assert record["storage"] == UNREACHABLE and record["breakers"] == ["model"]
@@ -240,3 +256,121 @@ async def _state_is(http: aiohttp.ClientSession, sc: SidecarProc, state: str) ->
 async def _next_probe_due(http: aiohttp.ClientSession, sc: SidecarProc) -> bool:
     snap = await breaker(http, sc)
     return snap["state"] != State.OPEN or snap["next_probe_in"] == 0
+
+
+async def test_an_outage_is_logged_once_counted_every_time_and_never_blocks_the_breaker() -> None:
+    """In process, no Redis needed: an unreachable store, retried with backoff."""
+    clock = MonotonicClock()
+    config = BreakerConfig(consecutive_failures=1, storage=UNREACHABLE, storage_prefix="x:")
+    local = CircuitBreaker("model", config, clock)
+    logs: list[tuple[str, dict[str, Any]]] = []
+    errors: list[str] = []
+    sync = BreakerSync(clock, log=_Log(logs), on_error=errors.append, retry_min=0.01)
+    sync.register(local)
+    await sync.start()
+    try:
+        await wait_until(lambda: _true(len(errors) >= 3), timeout=5)
+        local.record_failure(False)  # the breaker decides at once, Redis or not
+        assert local.state == State.OPEN
+        # Nothing is sent while the store is known to be away (the open is announced again on
+        # reconnecting), so the request path never waits on it.
+        await wait_until(lambda: _true(sync._links[UNREACHABLE].outbox.empty()), timeout=5)
+    finally:
+        started = time.monotonic()
+        await sync.close()
+        assert time.monotonic() - started < 1.5
+    unavailable = [fields for event, fields in logs if event == "breaker_sync_unavailable"]
+    assert len(unavailable) == 1 and unavailable[0]["storage"] == UNREACHABLE
+    assert local.sync is not None and local.sync["connected"] is False
+    assert local.sync["errors"] == len(errors) and "Error" in str(local.sync["last_error"])
+    assert set(errors) == {"subscribe"}
+
+
+class RedisOutage:
+    """A TCP forwarder to the machine's Redis that the test takes down and brings back on the
+    same port: to a client, Redis stopped and restarted."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._pumps: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def up(self) -> None:
+        self._server = await asyncio.start_server(
+            self._handle, "127.0.0.1", self.port, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def down(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
+        for pump in list(self._pumps):
+            pump.cancel()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        target = urlsplit(REDIS_URL)
+        up_reader, up_writer = await asyncio.open_connection(target.hostname, target.port or 6379)
+        self._writers += [writer, up_writer]
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            pump = asyncio.ensure_future(self._pump(src, dst))
+            self._pumps.add(pump)
+            pump.add_done_callback(self._pumps.discard)
+
+    @staticmethod
+    async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            dst.close()
+
+
+async def test_after_an_outage_a_replica_announces_the_opens_it_made_meanwhile(
+    prefix: str,
+) -> None:
+    """In process: Redis goes away for one replica, which opens meanwhile; once Redis is back it
+    tells the other, which was not told before."""
+    outage = RedisOutage()
+    await outage.up()
+    clock = MonotonicClock()
+    logs: list[tuple[str, dict[str, Any]]] = []
+
+    def shared(url: str) -> CircuitBreaker:
+        config = BreakerConfig(open_for=30, jitter=0, storage=url, storage_prefix=prefix)
+        return CircuitBreaker("model", config, clock)
+
+    cut, direct = shared(outage.url), shared(REDIS_URL)
+    cut_sync = BreakerSync(clock, log=_Log(logs), retry_min=0.05, retry_max=0.2)
+    direct_sync = BreakerSync(clock, log=_Log([]))
+    cut_sync.register(cut)
+    direct_sync.register(direct)
+    await cut_sync.start()
+    await direct_sync.start()
+    try:
+        for b in (cut, direct):
+            await wait_until(lambda b=b: _true(b.sync is not None and b.sync["connected"]), 5)
+        await outage.down()
+        await wait_until(lambda: _true(cut.sync is not None and not cut.sync["connected"]), 5)
+        cut.force("open")  # decided locally while Redis is away
+        assert direct.state == State.CLOSED
+        await outage.up()
+        await wait_until(lambda: _true(direct.state == State.OPEN), timeout=5)
+        assert direct.open_adopted
+        events = [event for event, _ in logs]
+        assert events.count("breaker_sync_unavailable") == 1
+        assert events.index("breaker_sync_unavailable") < events.index("breaker_sync_restored")
+    finally:
+        await outage.down()
+        await cut_sync.close()
+        await direct_sync.close()

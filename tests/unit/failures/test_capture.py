@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from sidecar.clock import FakeClock
 from sidecar.context import RequestContext
 from sidecar.errors import FailureMode
-from sidecar.failures.capture import CaptureConfig, Feedback, FailureRecorder
+from sidecar.failures.capture import CaptureConfig, FailureRecorder, Feedback
 from sidecar.failures.sqlite import DB_NAME, SqliteFailureStore
 from sidecar.failures.store import FailureQuery, FailureRecord, RecordKind
 from sidecar.outcome import Outcome
@@ -152,9 +152,10 @@ async def test_feedback_links_to_a_stored_failure_a_recent_success_or_nothing(
     ok.trace_id = "ef" * 16
     ok.confidence = 0.97
     recorder.request_finished(ok, 200, Outcome.OK)
-    async with asyncio.timeout(5):
-        while recorder.written.get("request") != 1:
-            await asyncio.sleep(0.01)
+    for _ in range(500):  # bounded: until the writer stored the failed request
+        if recorder.written.get("request") == 1:
+            break
+        await asyncio.sleep(0.01)
 
     linked = await recorder.report(Feedback(request_id="failed-1", note="mail a@b.example"))
     assert linked.linked and linked.linked_via == "failure_record"

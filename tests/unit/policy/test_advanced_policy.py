@@ -86,12 +86,9 @@ def test_breaker_storage_must_be_a_redis_url() -> None:
 
 def test_hedge_policy_defaults() -> None:
     hedge = HedgePolicy()
-    assert (hedge.enabled, hedge.delay, hedge.max_hedges, hedge.quantile) == (
-        False,
-        0.05,
-        1,
-        None,
-    )
+    assert (hedge.enabled, hedge.delay, hedge.max_hedges) == (False, "50ms", 1)
+    assert hedge.seconds == 0.05 and hedge.quantile is None
+    assert HedgePolicy(delay=0.2).delay == "0.2s"
 
 
 def test_the_example_policies_document_every_option_commented_out() -> None:

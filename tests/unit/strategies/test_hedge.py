@@ -329,3 +329,27 @@ async def test_the_callers_cancellation_cancels_every_attempt() -> None:
     # Plainly cancelled, not as a lost race (telemetry names them by the caller's cancellation).
     assert first.cancelled_with == second.cancelled_with == ()
     assert clock.pending() == 0
+
+
+async def test_no_hedge_while_the_breaker_only_admits_probes() -> None:
+    clock = TimerClock()
+    probe = Held(ok())
+    ctx = make_ctx(clock)
+    b = budget(clock)
+    breaker = CircuitBreaker("model", BreakerConfig(open_for=1.0, jitter=0.0), clock)
+    breaker.force("open")
+    clock.advance(1.0)  # the next call is the half-open probe
+    pipeline = compose(
+        [HedgeStrategy(HedgeConfig(delay=0.05), b), BreakerStrategy(breaker)], Scripted(probe)
+    )
+    task = asyncio.ensure_future(pipeline(make_request(), ctx))
+    await settle()
+    assert ctx.breaker_state == State.HALF_OPEN
+    await clock.fire()
+    assert names(ctx)[-1] == "hedge_skipped" and ctx.events[-1].attrs == {
+        "reason": "breaker_not_closed"
+    }
+    assert b.withdrawn == 0  # no token spent on a hedge the breaker would refuse
+    probe.release()
+    assert (await task).status == 200
+    assert breaker.state == State.CLOSED
