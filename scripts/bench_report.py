@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,17 @@ def cell(a: dict[str, Any] | None, digits: int = 2, scale: float = 1.0) -> str:
     if len(a.get("values", [])) <= 1:
         return _fmt(med, digits)
     return f"{_fmt(med, digits)} [{_fmt(lo, digits)}–{_fmt(hi, digits)}]"
+
+
+def agg_of(values: Iterable[float | None]) -> dict[str, Any] | None:
+    """Median and spread of the values that are there (None when none is)."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    ordered = sorted(vals)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return {"median": median, "min": ordered[0], "max": ordered[-1], "values": vals}
 
 
 def _med(a: dict[str, Any] | None) -> float | None:
@@ -284,7 +295,11 @@ def _context(r: dict[str, Any]) -> str:
             + (f" and {cpu_pt / hap:.0f}× as a pass-through" if cpu_pt else "")
             + "."
         )
-    others = _med(s.get("all", {}).get("proxy_core_others"))
+    rounds = r.get("healthy", {}).get("200", {}).get("rounds", {}).get("all", [])
+    others = _med(
+        s.get("all", {}).get("proxy_core_others")
+        or agg_of(x.get("proxy_core_others") for x in rounds)
+    )
     if others is not None and others > 0.1:
         lines.append(
             f"During the all-features runs at 200 requests/s other processes used "
@@ -299,6 +314,11 @@ def _healthy_section(r: dict[str, Any], charts: dict[str, str]) -> str:
     for rate, data in sorted(r.get("healthy", {}).items(), key=lambda kv: float(kv[0])):
         rows = []
         for key, s in data["summary"].items():
+            rounds = data.get("rounds", {}).get(key, [])
+
+            def noise(fig: str, s: dict[str, Any] = s, rounds: list[Any] = rounds) -> str:
+                return cell(s.get(fig) or agg_of(x.get(fig) for x in rounds))
+
             rows.append(
                 (
                     LABELS.get(key, key),
@@ -313,6 +333,8 @@ def _healthy_section(r: dict[str, Any], charts: dict[str, str]) -> str:
                     f"{s['errors']}/{s['n']}",
                     str(s["late"]),
                     cell(s.get("generator_cpu")),
+                    noise("proxy_core_others"),
+                    noise("proxy_core_steal"),
                 )
             )
         parts.append(
@@ -331,6 +353,8 @@ def _healthy_section(r: dict[str, Any], charts: dict[str, str]) -> str:
                     "errors",
                     "late sends",
                     "generator CPU (cores)",
+                    "others on the proxy's CPU (cores)",
+                    "steal on the proxy's CPU",
                 ),
                 rows,
             )
@@ -676,6 +700,10 @@ def _profile_section(r: dict[str, Any]) -> str:
         f"{p['seconds']:g} s ({p.get('samples')} samples of busy threads); flame graph: "
         f"[{p['svg']}]({p['svg']}).",
         "",
+        "Where the busy samples were, grouped (leaf frame, the top packages): "
+        + ", ".join(f"{k} {v * 100:.0f}%" for k, v in _buckets(p.get("self_by_package", [])))
+        + ".",
+        "",
         "Share of samples by where the CPU was (leaf frame): "
         + ", ".join(f"{k} {v * 100:.0f}%" for k, v in p.get("self_by_package", [])),
         "",
@@ -683,16 +711,48 @@ def _profile_section(r: dict[str, Any]) -> str:
         + ", ".join(f"`{k}` {v * 100:.0f}%" for k, v in p.get("self_functions", [])),
         "",
         "Share of samples with a package anywhere on the stack: "
-        + ", ".join(f"{k} {v * 100:.0f}%" for k, v in p.get("inclusive_by_package", [])),
+        + ", ".join(f"{k} {v * 100:.0f}%" for k, v in _drop_roots(p.get("inclusive_by_package"))),
         "",
         "Functions on the stack most often (sidecar, aiohttp, OpenTelemetry, structlog, "
         "prometheus):",
         "",
     ]
-    lines += [f"- {name}: {v * 100:.0f}%" for name, v in p.get("inclusive_functions", [])]
+    lines += [f"- {name}: {v * 100:.0f}%" for name, v in _drop_roots(p.get("inclusive_functions"))]
     if r.get("profile_notes"):
         lines += ["", r["profile_notes"]]
     return "\n".join(lines)
+
+
+_BUCKETS = (
+    ("the event loop and system calls (asyncio, selectors)", ("asyncio", "selectors")),
+    ("aiohttp (HTTP server and client)", ("aiohttp", "multidict", "yarl")),
+    ("OpenTelemetry (spans, OTLP encoding)",
+     ("opentelemetry", "trace/", "common/", "attributes/", "sdk/", "context/", "exporter/",
+      "google/", "proto/")),
+    ("structlog and JSON (access log, validation, confidence)", ("structlog", "json")),
+    ("prometheus_client (metrics)", ("prometheus_client",)),
+    ("tenacity", ("tenacity",)),
+    ("the sidecar's own code", ("sidecar/",)),
+)  # fmt: skip
+
+
+def _drop_roots(shares: Sequence[Sequence[Any]] | None) -> list[Sequence[Any]]:
+    """Leave out the frames everything runs under (entry point, event loop): no information."""
+    shares = list(shares or [])
+    top = max((float(v) for _, v in shares), default=0.0)
+    return [(k, v) for k, v in shares if float(v) < 0.95 * top]
+
+
+def _buckets(shares: Sequence[Sequence[Any]]) -> list[tuple[str, float]]:
+    """Leaf-frame shares grouped into what a reader can act on."""
+    totals: dict[str, float] = {}
+    for name, share in shares:
+        label = next(
+            (lbl for lbl, prefixes in _BUCKETS if any(str(name).startswith(p) for p in prefixes)),
+            "other",
+        )
+        totals[label] = totals.get(label, 0.0) + float(share)
+    return sorted(totals.items(), key=lambda kv: -kv[1])
 
 
 def _policies_section(r: dict[str, Any]) -> str:

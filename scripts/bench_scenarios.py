@@ -366,6 +366,8 @@ def _fold(runs: dict[str, list[dict[str, Any]]], keys: Sequence[str]) -> dict[st
             "rss_mb",
             "hwm_mb",
             "proxy_cpu_share",
+            "proxy_core_others",
+            "proxy_core_steal",
             "generator_cpu",
             "ttfe_p50",
             "ttfe_p99",

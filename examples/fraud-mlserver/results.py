@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-
 from v2 import post, read_holdout  # beside this script
 
 HERE = Path(__file__).resolve().parent
@@ -102,8 +101,7 @@ def table(scored: list[Scored], source: str, auto_above: float, reject_below: fl
         f"| {100 * accuracy:.1f}% |",
         f"| model errors caught by review | {caught} of {errors} ({pct(caught, errors)}) "
         f"| {rate * errors:.1f} of {errors} ({pct(rate * errors, errors)}) |",
-        f"| model errors auto-approved unseen | {errors - caught} "
-        f"| {(1 - rate) * errors:.1f} |",
+        f"| model errors auto-approved unseen | {errors - caught} | {(1 - rate) * errors:.1f} |",
         f"| missed frauds auto-approved unseen | {missed_fraud} of {all_missed_fraud} "
         f"| {(1 - rate) * all_missed_fraud:.1f} of {all_missed_fraud} |",
     ]

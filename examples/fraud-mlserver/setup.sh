@@ -23,6 +23,13 @@ requirements=(
 stamp="$venv/.installed"
 wanted="$(printf '%s\n' "${requirements[@]}")"
 
+# Two runs at once (two test sessions, say) must not build the same virtualenv together.
+mkdir -p "$venv"
+if command -v flock >/dev/null 2>&1; then
+  exec 9>"$venv/.setup.lock"
+  flock -w 900 9 || { echo "another setup.sh holds $venv/.setup.lock" >&2; exit 1; }
+fi
+
 installed() {  # cheap: finds the packages without importing them
   "$venv/bin/python" -c 'import importlib.util as u, sys
 sys.exit(any(u.find_spec(m) is None for m in ("mlserver", "mlserver_sklearn", "sklearn", "joblib")))'

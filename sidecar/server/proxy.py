@@ -146,6 +146,10 @@ class ProxyHandler:
                 ),
                 body=body,
             )
+            # Sent once: the caller's id when it was valid, else the one made up here.
+            proxy_request.headers[:] = [
+                (k, v) for k, v in proxy_request.headers if k.lower() != "x-request-id"
+            ]
             proxy_request.headers.append(("x-request-id", ctx.request_id))
             ctx.extra[CAPTURE_REQUEST] = proxy_request  # excerpted only if the request fails
             upstream_response = await route.handler(proxy_request, ctx)

@@ -214,7 +214,11 @@ class UpstreamClient:
         """Send one attempt; return once response headers arrived (the body streams later)."""
         url = self.target(request.path_qs)
         payload = request.body.payload()
-        headers = list(request.headers)
+        # aiohttp keeps only the last of two headers whose names differ only in case
+        # (`ClientSession._prepare_headers`); names are case-insensitive, so each is spelt like
+        # its first occurrence and every one is sent.
+        spelling: dict[str, str] = {}
+        headers = [(spelling.setdefault(k.lower(), k), v) for k, v in request.headers]
         if not isinstance(payload, bytes):
             # Stream framing stays the caller's when it declared a length.
             length = ctx.extra.get("request_content_length")

@@ -130,7 +130,9 @@ def test_every_unmarked_shell_block_runs(services: dict[str, str], tmp_path: Pat
             continue
         code = rewrite(block.code, services)
         if block.mark == "doc-test":
-            rp = start_process(["bash", "-c", code], env=env, ready=None, cwd=str(tmp_path))
+            # A long-running command: it must come up (log `listening`), then it is stopped.
+            bg_env = {**env, "SIDECAR_PORT": "0", "SIDECAR_ADMIN_PORT": "0"}
+            rp = start_process(["bash", "-c", code], env=bg_env, cwd=str(tmp_path))
             rp.stop()
             ran += 1
             continue

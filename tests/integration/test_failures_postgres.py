@@ -3,7 +3,9 @@ real `sidecar run` lands in PostgreSQL and `sidecar failures report` reads it fr
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import subprocess
 import time
 
@@ -33,12 +35,13 @@ async def test_failures_go_to_the_shared_postgres_store(
     sc.rp.stop()  # flushes the capture queue on the way out
     deadline = time.monotonic() + 20
     while True:
-        report = subprocess.run(
+        report = await asyncio.to_thread(
+            subprocess.run,
             sidecar_cmd("failures", "report", "--since", "1h", "--json"),
             capture_output=True,
             text=True,
             timeout=60,
-            env={**__import__("os").environ, **env},
+            env={**os.environ, **env},
         )
         assert report.returncode == 0, report.stderr
         if "upstream_5xx" in report.stdout or time.monotonic() > deadline:

@@ -117,8 +117,10 @@ async def one_request(
 
 @pytest.mark.timeout(60)
 async def test_sigterm_under_load_fails_no_in_flight_request(
-    model_url: str, tmp_path: Any, http: aiohttp.ClientSession
+    own_model: RunningProcess, tmp_path: Any, http: aiohttp.ClientSession
 ) -> None:
+    # Its own model, so `in_flight` counts only this test's requests.
+    model_url = own_model.ready["url"]
     path = write_policy(tmp_path, simple_policy(model_url))
     rp = start_process(
         sidecar_cmd("run", "--policy", str(path), "--port", "0", "--admin-port", "0"),
@@ -129,9 +131,7 @@ async def test_sigterm_under_load_fails_no_in_flight_request(
     try:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as load:
-            tasks = [
-                asyncio.create_task(one_request(load, url, i)) for i in range(IN_FLIGHT)
-            ]
+            tasks = [asyncio.create_task(one_request(load, url, i)) for i in range(IN_FLIGHT)]
 
             async def all_in_flight() -> bool:
                 async with http.get(model_url + "/_demo/stats") as r:
