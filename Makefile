@@ -31,7 +31,11 @@ test: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python -m scripts.bench --quick
 
-bench: $(STAMP)
+$(VENV)/.bench-installed: $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet --config-settings editable_mode=compat -e '.[test,bench]'
+	@touch $@
+
+bench: $(VENV)/.bench-installed
 	$(BIN)/python -m scripts.bench
 
 docs: $(STAMP)

@@ -90,30 +90,60 @@ def _py_spy() -> str | None:
     return exe if os.path.exists(exe) else None
 
 
-async def _profile(env: sc.Env, seconds: float, rate: float) -> dict[str, Any]:
-    """py-spy the all-features sidecar under load: a flame graph for people, collapsed stacks
-    for the summary in the report."""
+async def _profile(
+    env: sc.Env,
+    v: sc.Variant,
+    name: str,
+    request: sc.Request,
+    seconds: float,
+    rate: float,
+    what: str,
+) -> dict[str, Any]:
+    """py-spy a sidecar under load: a flame graph for people (`docs/profile-NAME.svg`),
+    collapsed stacks for the summary in the report."""
     exe = _py_spy()
     if exe is None:
         return {"error": "py-spy is not installed (pip install py-spy)"}
-    v = env.variants["all"]
     assert v.proc is not None
-    svg = DOCS / "profile-all-features.svg"
-    raw = env.work / "profile.txt"
-    out: dict[str, Any] = {"svg": svg.name, "rate": rate, "seconds": seconds}
+    svg = DOCS / f"profile-{name}.svg"
+    raw = env.work / f"profile-{name}.txt"
+    out: dict[str, Any] = {"svg": svg.name, "rate": rate, "seconds": seconds, "what": what}
     for fmt, path in (("flamegraph", svg), ("raw", raw)):
+        cpu0 = v.proc.stats().cpu
         proc = await asyncio.create_subprocess_exec(
             exe, "record", "--pid", str(v.proc.pid), "--duration", str(int(seconds)),
             "--rate", "200", "--format", fmt, "--output", str(path), "--nonblocking",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        await sc.run_open_loop(
-            v.host, v.port, sc.CHAT, rate=rate, duration=seconds + 1.0, warm_connections=8
+        res = await sc.run_open_loop(
+            v.host, v.port, request, rate=rate, duration=seconds + 1.0, warm_connections=8
         )
         _, err = await proc.communicate()
         if proc.returncode != 0:
             return {"error": f"py-spy failed: {err.decode(errors='replace')[-500:]}"}
+        out["cpu_ms"] = round((v.proc.stats().cpu - cpu0) * 1000 / max(1, len(res.samples)), 3)
+        out["failure_modes"] = sc.summarize(res)["failure_modes"]
     out.update(_collapsed_summary(raw.read_text()))
+    return out
+
+
+async def _profiles(env: sc.Env) -> dict[str, Any]:
+    """The healthy path at 200 rps, and the fail-fast path (open breaker, 100% 503)."""
+    out = {
+        "healthy": await _profile(
+            env, env.variants["all"], "all-features", sc.CHAT, 10.0, 200,
+            "healthy requests at 200 requests/s",
+        )
+    }  # fmt: skip
+    v, _ = await sc._failure_variant(env, "all", "all")
+    try:
+        out["failfast"] = await _profile(
+            env, v, "fail-fast", sc.with_fault(sc.CHAT, "status=503"), 8.0, 100,
+            "every answer 503, so the breaker is open: fail-fast answers at 100 requests/s",
+        )  # fmt: skip
+    finally:
+        if v.proc is not None:
+            env.stop(v.proc)
     return out
 
 
@@ -246,7 +276,7 @@ async def _run(args: argparse.Namespace, cores: Cores) -> dict[str, Any]:
                 results["flapping"] = await sc.flapping(env, base, rounds, log=_log)
             if on("profile") and not args.no_profile:
                 _log("profiling the all-features sidecar at 200 rps (py-spy)")
-                results["profile"] = await _profile(env, 10.0, 200)
+                results["profiles"] = await _profiles(env)
             if on("soak") and not args.no_soak:
                 _log(f"soak: all features, 100 rps, {args.soak_minutes:g} minutes")
                 results["soak"] = await sc.soak(env, "all", 100, args.soak_minutes, log=_log)

@@ -242,8 +242,9 @@ def headline(r: dict[str, Any]) -> list[str]:
 def _env_section(r: dict[str, Any]) -> str:
     m, v = r.get("machine", {}), r.get("versions", {})
     lines = [
-        f"- **Date**: {r.get('date')}; **command**: `{r.get('command')}` "
-        f"(`{r.get('argv')}`), {r.get('elapsed_s')} s",
+        f"- **Date**: {r.get('date')}; **command**: `{r.get('command')}`, "
+        f"{r.get('elapsed_s')} s of measuring",
+        "- **Exactly**: " + (f"`{argv}`" if "`" not in (argv := str(r.get("argv"))) else argv),
         f"- **Machine**: {m.get('nproc')} CPUs ({m.get('cpu')}), {m.get('ram_gb')} GB RAM, "
         f"Linux {m.get('kernel')}; shared with other engineers' test runs",
         f"- **Pinning**: {r.get('cores')}",
@@ -255,7 +256,8 @@ def _env_section(r: dict[str, Any]) -> str:
     otlp = r.get("otlp_received") or {}
     if otlp:
         lines.append(
-            f"- **Tracing**: the OTLP receiver got {otlp.get('requests')} exports with "
+            f"- **Tracing** (in the pass that ran last): the OTLP receiver got "
+            f"{otlp.get('requests')} exports with "
             f"{otlp.get('spans')} spans; **metrics**: `sidecar_requests_total` on the "
             f"all-features sidecar's admin port read {_fmt(r.get('metrics_requests_all'), 0)}"
         )
@@ -607,7 +609,11 @@ def _flap_section(r: dict[str, Any], charts: dict[str, str]) -> str:
         f"{d['cycles']} times per round (`POST /_demo/faults` with `seconds`); all variants run "
         f"at once against the same schedule, {d['rate']:g} requests/s each. Recovery is the time "
         "from a heal to the first request after which ≥ 99% of the rest of that healthy phase "
-        "succeeded (spread over every heal of every round).\n\n"
+        "succeeded (spread over every heal of every round). The all-features breaker opens in "
+        "the first moments of each down phase and stays open for `open_for` (5 s, doubled on "
+        "each re-open while the model is still down, plus up to 10% jitter); the sidecar sees "
+        "the heal only at its next half-open probe, so recovery is whatever is left of the "
+        "open period when the model heals: a breaker setting, not a cost of the proxy.\n\n"
         + _table(
             (
                 "variant",
@@ -690,36 +696,88 @@ def _soak_section(r: dict[str, Any], charts: dict[str, str]) -> str:
 
 
 def _profile_section(r: dict[str, Any]) -> str:
-    p = r.get("profile")
-    if not p:
-        return ""
+    profiles = r.get("profiles") or ({"healthy": r["profile"]} if r.get("profile") else {})
+    parts = [_one_profile(p) for p in profiles.values() if p]
+    findings = _profile_findings(profiles)
+    if findings:
+        parts.insert(0, "What the profiles show:\n\n" + "\n".join(f"- {f}" for f in findings))
+    return "\n\n".join(parts)
+
+
+def _share(p: dict[str, Any], key: str, *needles: str) -> float:
+    return sum(float(v) for k, v in p.get(key) or [] if any(n in str(k) for n in needles))
+
+
+def _profile_findings(profiles: dict[str, Any]) -> list[str]:
+    """Plain-language reading of the profiles, from their numbers."""
+    out = []
+    healthy, fast = profiles.get("healthy") or {}, profiles.get("failfast") or {}
+    if healthy.get("samples"):
+        loop = _share(healthy, "self_by_package", "selectors", "asyncio")
+        aio = _share(healthy, "self_by_package", "aiohttp")
+        own = _share(healthy, "self_by_package", "sidecar/")
+        pipeline = _share(healthy, "inclusive_by_package", "sidecar/pipeline.py")
+        tele = _share(healthy, "inclusive_by_package", "sidecar/telemetry/events.py")
+        out.append(
+            f"Healthy path: no single hot spot. {loop * 100:.0f}% of the busy samples sit in the "
+            "event loop and its system calls (`epoll_wait`, socket writes: dear on this virtual "
+            f"machine, see HAProxy's CPU), {aio * 100:.0f}% in aiohttp's server and client and "
+            f"{own * 100:.0f}% in the sidecar's own code (leaf frames); the strategy pipeline is "
+            f"on the stack in {pipeline * 100:.0f}% of the samples (each strategy an `async` "
+            "layer around the next; tenacity's retry machinery is set up per request) and "
+            f"per-request telemetry (span, events, metrics, access log) in {tele * 100:.0f}%. "
+            "Getting to 0.33 CPU-ms, a tenth of today's figure here, would take removing work "
+            "per request across the board, not tuning one function."
+        )
+    if fast.get("samples"):
+        threads = _share(fast, "inclusive_by_package", "concurrent/futures")
+        store = _share(fast, "inclusive_by_package", "sidecar/failures")
+        cpu_fast, cpu_ok = fast.get("cpu_ms"), healthy.get("cpu_ms")
+        cost = (
+            f" A `circuit_open` answer costs {cpu_fast:.2f} CPU-ms, "
+            + (f"more than a whole proxied request ({cpu_ok:.2f})." if cpu_ok else ".")
+            if cpu_fast
+            else ""
+        )
+        if threads > 0.05 or store > 0.05:
+            out.append(
+                "Fail-fast path: every `circuit_open` answer is a failure record. The recorder's "
+                "writer takes whatever is queued the moment one record arrives, so at 100 "
+                "failures/s nearly each record is its own batch: two thread-pool hand-offs "
+                "(redaction, then the SQLite transaction) per failure (`sidecar/failures`: "
+                f"{store * 100:.0f}% of the samples; the thread pool {threads * 100:.0f}%), and "
+                "every failure gets an exported span." + cost + " The worker threads compete "
+                "with the event loop for the GIL, a likely source of the fail-fast p99 of tens "
+                "of milliseconds. Letting records gather for a short interval before a batch is "
+                "written, and counting repeated `circuit_open` failures instead of storing each, "
+                "would bring a fail-fast answer close to the cost of the error envelope itself."
+            )
+    return out
+
+
+def _one_profile(p: dict[str, Any]) -> str:
     if "error" in p:
         return f"Profiling failed: {p['error']}"
     lines = [
-        f"`py-spy record` of the all-features sidecar at {p['rate']} requests/s for "
-        f"{p['seconds']:g} s ({p.get('samples')} samples of busy threads); flame graph: "
-        f"[{p['svg']}]({p['svg']}).",
+        f"**{p.get('what') or str(p.get('rate')) + ' requests/s'}**: "
+        f"`py-spy record` of the all-features sidecar for {p['seconds']:g} s "
+        f"({p.get('samples')} samples of busy threads"
+        + (f", {p['cpu_ms']:.2f} CPU-ms per request" if p.get("cpu_ms") is not None else "")
+        + f"); flame graph: [{p['svg']}]({p['svg']}).",
         "",
-        "Where the busy samples were, grouped (leaf frame, the top packages): "
+        "- Where the busy samples were, grouped (leaf frame, the top packages): "
         + ", ".join(f"{k} {v * 100:.0f}%" for k, v in _buckets(p.get("self_by_package", [])))
         + ".",
-        "",
-        "Share of samples by where the CPU was (leaf frame): "
-        + ", ".join(f"{k} {v * 100:.0f}%" for k, v in p.get("self_by_package", [])),
-        "",
-        "Where the CPU was, by function (leaf frame): "
+        "- By leaf function: "
         + ", ".join(f"`{k}` {v * 100:.0f}%" for k, v in p.get("self_functions", [])),
-        "",
-        "Share of samples with a package anywhere on the stack: "
+        "- Packages anywhere on the stack: "
         + ", ".join(f"{k} {v * 100:.0f}%" for k, v in _drop_roots(p.get("inclusive_by_package"))),
-        "",
-        "Functions on the stack most often (sidecar, aiohttp, OpenTelemetry, structlog, "
-        "prometheus):",
-        "",
+        "- Functions anywhere on the stack (sidecar, aiohttp, OpenTelemetry, structlog, "
+        "prometheus): "
+        + ", ".join(
+            f"`{name}` {v * 100:.0f}%" for name, v in _drop_roots(p.get("inclusive_functions"))
+        ),
     ]
-    lines += [f"- {name}: {v * 100:.0f}%" for name, v in _drop_roots(p.get("inclusive_functions"))]
-    if r.get("profile_notes"):
-        lines += ["", r["profile_notes"]]
     return "\n".join(lines)
 
 
@@ -732,6 +790,8 @@ _BUCKETS = (
     ("structlog and JSON (access log, validation, confidence)", ("structlog", "json")),
     ("prometheus_client (metrics)", ("prometheus_client",)),
     ("tenacity", ("tenacity",)),
+    ("threads (thread pool hand-offs)", ("concurrent/", "threading", "queue")),
+    ("SQLite", ("sqlite3",)),
     ("the sidecar's own code", ("sidecar/",)),
 )  # fmt: skip
 

@@ -38,7 +38,7 @@ from scripts.bench_procs import (
     start,
 )
 
-__all__ = ["CHAT", "SSE", "Env", "Variant", "agg", "summarize"]
+__all__ = ["CHAT", "SSE", "Env", "Request", "Variant", "agg", "summarize", "with_fault"]
 
 _CHAT_BODY = {
     "model": "demo-model",

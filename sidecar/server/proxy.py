@@ -66,6 +66,26 @@ def _error_response(err: SidecarError, ctx: RequestContext) -> web.Response:
     return response
 
 
+def _has_dot_segment(target: str) -> bool:
+    path = target.split("?", 1)[0]
+    for segment in path.split("/"):
+        decoded = segment.replace("%2e", ".").replace("%2E", ".")
+        if decoded in (".", ".."):
+            return True
+    return False
+
+
+def _last_event_end(data: bytes) -> int:
+    """Offset just past the last complete SSE event in `data` (a blank line ends an event);
+    0 when no event is complete yet."""
+    best = 0
+    for sep in (b"\n\n", b"\r\n\r\n", b"\r\r"):
+        i = data.rfind(sep)
+        if i >= 0:
+            best = max(best, i + len(sep))
+    return best
+
+
 class ProxyHandler:
     def __init__(self, state: SidecarState) -> None:
         self.state = state
@@ -217,6 +237,13 @@ class ProxyHandler:
                 status=501,
             )
         target = request.raw_path
+        if _has_dot_segment(target):
+            # `/v1/../admin` would take the /v1 route's policy while the model serves /admin.
+            raise SidecarError(
+                FailureMode.CLIENT_ERROR,
+                "request path must not contain . or .. segments",
+                status=400,
+            )
         if not target.startswith("/") or target.startswith("//"):
             raise SidecarError(
                 FailureMode.CLIENT_ERROR,
@@ -314,11 +341,23 @@ class ProxyHandler:
         try:
             await response.prepare(request)
             ctx.response_started = True
+            # SSE is forwarded in whole events, so a stream cut in the middle of one never leaves
+            # half an event in front of the final error event (which would then be misread).
+            pending = b""
             while True:
                 chunk = await upstream.body.read_chunk()
                 if not chunk:
                     break
+                if sse:
+                    pending += chunk
+                    end = _last_event_end(pending)
+                    if end == 0:
+                        continue
+                    chunk, pending = pending[:end], pending[end:]
                 await response.write(chunk)
+                first_byte_sent(ctx)
+            if pending:
+                await response.write(pending)
                 first_byte_sent(ctx)
             await response.write_eof()
         except SidecarError as caught:

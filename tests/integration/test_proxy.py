@@ -265,3 +265,40 @@ async def test_no_route_is_404_envelope(
     assert body["error"]["request_id"] == resp.headers["x-request-id"]
     async with http.get(sc.url + "/v1x") as resp:
         assert resp.status == 404
+
+
+async def test_sse_cut_mid_event_never_forwards_half_an_event(
+    start_sidecar: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    # The model sends one whole event and half of the next, then the connection drops.
+    body = b'data: {"n": 1}\n\ndata: {"n": 2, "partial'
+    up = await RecordingUpstream(
+        response=(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(body):x}\r\n".encode() + body + b"\r\n"
+        )
+    ).start()
+    try:
+        sc = start_sidecar(simple_policy(up.url, retry={"max_attempts": 1}))
+        async with http.post(sc.url + "/v1/chat/completions", json={"stream": True}) as resp:
+            assert resp.status == 200
+            text = (await resp.read()).decode()
+    finally:
+        await up.stop()
+    assert text.startswith('data: {"n": 1}\n\n')
+    assert "partial" not in text
+    assert "event: error\ndata: " in text
+    assert '"failure_mode":"stream_interrupted"' in text
+    assert "[DONE]" not in text
+
+
+async def test_dot_segments_are_refused(
+    start_sidecar: SidecarFactory, recording_upstream: RecordingUpstream
+) -> None:
+    sc = start_sidecar(simple_policy(recording_upstream.url, match={"path_prefix": "/v1"}))
+    for target in ("/v1/../admin", "/v1/./x", "/v1/%2e%2e/admin", "/v1/%2E%2E"):
+        raw = await raw_request(
+            sc.url, f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert raw.startswith(b"HTTP/1.1 400"), (target, raw[:100])
+    assert recording_upstream.connections == 0
