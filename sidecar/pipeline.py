@@ -28,6 +28,7 @@ __all__ = [
     "Strategy",
     "compose",
     "header_value",
+    "read_up_to",
 ]
 
 Headers = list[tuple[str, str]]
@@ -102,6 +103,21 @@ class ResponseBody(Protocol):
     async def read_chunk(self) -> bytes: ...
 
     def close(self) -> None: ...
+
+
+async def read_up_to(body: ResponseBody, limit: int) -> tuple[list[bytes], bool]:
+    """Read `body` to its end or until more than `limit` bytes came: (chunks read, over the
+    limit). A body that is over keeps the chunks for the caller to push back."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await body.read_chunk()
+        if not chunk:
+            return parts, False
+        parts.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return parts, True
 
 
 class BytesBody:

@@ -77,6 +77,8 @@ _CAPTURED_OUTCOMES = frozenset(
 #: Bodies are cut to this before they are queued (redaction needs a little more than the excerpt).
 _RAW_CAP = 64 * 1024
 _MAX_CAUSE = 300
+#: How long the writer waits for more records once one arrived (batches bursts).
+GATHER_WINDOW = 0.05
 _MAX_NOTE = 4000
 _MAX_EVENTS = 32
 _MAX_PENDING_COUNTS = 20_000
@@ -470,6 +472,10 @@ class FailureRecorder:
                     item = self._queue.get_nowait()
                     if isinstance(item, _Pending):
                         batch.append(item)
+                # Under a burst of failures (an open circuit answers fast), wait a moment for
+                # more records so they share one thread hand-off and one transaction.
+                if batch and not self._stopping and len(batch) < self.batch_size:
+                    await self._gather(batch)
             except TimeoutError:
                 pass
             if batch or self._counts:
@@ -479,6 +485,21 @@ class FailureRecorder:
                 await self._purge()
             if self._stopping and self._queue.empty():
                 return
+
+    async def _gather(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + GATHER_WINDOW
+        while len(batch) < self.batch_size and not self._stopping:
+            remaining = until - loop.time()
+            if remaining <= 0:
+                return
+            try:
+                async with asyncio.timeout(remaining):
+                    item = await self._queue.get()
+            except TimeoutError:
+                return
+            if isinstance(item, _Pending):
+                batch.append(item)
 
     async def _write(self, batch: list[_Pending]) -> None:
         counts = self._take_counts()

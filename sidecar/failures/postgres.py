@@ -18,6 +18,7 @@ from psycopg.types.json import Jsonb
 
 from sidecar.database import Database, DatabaseError, Migration
 from sidecar.failures.store import (
+    RECORD_COLUMNS,
     FailurePage,
     FailureQuery,
     FailureRecord,
@@ -30,36 +31,7 @@ __all__ = ["COMPONENT", "MIGRATIONS", "PostgresFailureStore"]
 
 COMPONENT = "failures"
 
-_COLUMNS = (
-    "id",
-    "time",
-    "kind",
-    "route",
-    "upstream",
-    "mode",
-    "outcome",
-    "request_id",
-    "trace_id",
-    "status",
-    "attempts",
-    "retries",
-    "latency_ms",
-    "upstream_ms",
-    "breaker_state",
-    "confidence",
-    "confidence_band",
-    "retry_budget_exhausted",
-    "fallback_kind",
-    "review_id",
-    "upstream_status",
-    "method",
-    "path",
-    "cause",
-    "request_excerpt",
-    "response_excerpt",
-    "note",
-    "detail",
-)
+_COLUMNS = RECORD_COLUMNS
 
 MIGRATIONS = (
     Migration(

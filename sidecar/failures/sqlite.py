@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sidecar.failures.store import (
+    RECORD_COLUMNS,
     FailurePage,
     FailureQuery,
     FailureRecord,
@@ -34,36 +35,7 @@ __all__ = ["DB_NAME", "SqliteFailureStore"]
 DB_NAME = "failures.db"
 _SCHEMA_VERSION = 1
 
-_COLUMNS = (
-    "id",
-    "time",
-    "kind",
-    "route",
-    "upstream",
-    "mode",
-    "outcome",
-    "request_id",
-    "trace_id",
-    "status",
-    "attempts",
-    "retries",
-    "latency_ms",
-    "upstream_ms",
-    "breaker_state",
-    "confidence",
-    "confidence_band",
-    "retry_budget_exhausted",
-    "fallback_kind",
-    "review_id",
-    "upstream_status",
-    "method",
-    "path",
-    "cause",
-    "request_excerpt",
-    "response_excerpt",
-    "note",
-    "detail",
-)
+_COLUMNS = RECORD_COLUMNS
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS failures (

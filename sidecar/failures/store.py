@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 __all__ = [
+    "RECORD_COLUMNS",
     "FailurePage",
     "FailureQuery",
     "FailureRecord",
@@ -134,3 +135,36 @@ class FailureStore(Protocol):
     async def purge(self, now: float, max_age: float, max_rows: int | None) -> int: ...
 
     async def close(self) -> None: ...
+
+
+#: The stored columns of a failure record, in insert order (shared by every backend).
+RECORD_COLUMNS = (
+    "id",
+    "time",
+    "kind",
+    "route",
+    "upstream",
+    "mode",
+    "outcome",
+    "request_id",
+    "trace_id",
+    "status",
+    "attempts",
+    "retries",
+    "latency_ms",
+    "upstream_ms",
+    "breaker_state",
+    "confidence",
+    "confidence_band",
+    "retry_budget_exhausted",
+    "fallback_kind",
+    "review_id",
+    "upstream_status",
+    "method",
+    "path",
+    "cause",
+    "request_excerpt",
+    "response_excerpt",
+    "note",
+    "detail",
+)

@@ -28,7 +28,7 @@ from typing import Any
 from sidecar.clock import Clock
 from sidecar.context import RequestContext
 from sidecar.errors import FailureMode, SidecarError
-from sidecar.pipeline import Handler, ProxyRequest, ProxyResponse, ResponseBody
+from sidecar.pipeline import Handler, ProxyRequest, ProxyResponse, ResponseBody, read_up_to
 
 __all__ = ["Bulkhead", "BulkheadConfig", "BulkheadStrategy", "Permit"]
 
@@ -203,17 +203,12 @@ class _ReleasingBody:
         return chunk
 
     async def read_all(self, limit: int) -> bytes | None:
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            chunk = await self.read_chunk()
-            if not chunk:
-                return b"".join(parts)
-            parts.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                self._buffer[:0] = parts
-                return None
+        """Everything up to `limit` bytes; None (and the rest left unread) when over it."""
+        parts, over = await read_up_to(self, limit)
+        if over:
+            self._buffer[:0] = parts
+            return None
+        return b"".join(parts)
 
     def close(self) -> None:
         self._permit.release()

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sidecar.clock import Clock
-from sidecar.pipeline import ProxyRequest, ResponseBody, header_value
+from sidecar.pipeline import ProxyRequest, ResponseBody, header_value, read_up_to
 
 __all__ = ["CacheConfig", "CachedAnswer", "LastKnownGood", "RecordingBody", "cache_key"]
 
@@ -156,17 +156,12 @@ class RecordingBody:
         return chunk
 
     async def read_all(self, limit: int) -> bytes | None:
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            chunk = await self.read_chunk()
-            if not chunk:
-                return b"".join(parts)
-            parts.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                self._pushed_back[:0] = parts
-                return None
+        """Everything up to `limit` bytes; None (and the rest left unread) when over it."""
+        parts, over = await read_up_to(self, limit)
+        if over:
+            self._pushed_back[:0] = parts
+            return None
+        return b"".join(parts)
 
     def close(self) -> None:
         self._inner.close()

@@ -18,7 +18,7 @@ from yarl import URL
 from sidecar.clock import Clock
 from sidecar.context import RequestContext
 from sidecar.errors import FailureMode, SidecarError
-from sidecar.pipeline import ProxyRequest, ProxyResponse
+from sidecar.pipeline import ProxyRequest, ProxyResponse, read_up_to
 
 __all__ = ["StreamBody", "UpstreamClient", "map_client_error"]
 
@@ -140,17 +140,11 @@ class StreamBody:
 
     async def read_all(self, limit: int) -> bytes | None:
         """Everything up to `limit` bytes; None (and the rest left unread) when over it."""
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            chunk = await self.read_chunk()
-            if not chunk:
-                return b"".join(parts)
-            parts.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                self._buffer[:0] = parts
-                return None
+        parts, over = await read_up_to(self, limit)
+        if over:
+            self._buffer[:0] = parts
+            return None
+        return b"".join(parts)
 
     def close(self) -> None:
         self._eof = True
