@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import os
 import secrets
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -40,6 +39,7 @@ from sidecar.review.store import (
     ReviewStatus,
     ReviewStoreError,
 )
+from sidecar.sqlite_wal import open_wal_database
 
 __all__ = ["CURSOR_PATTERN", "DB_NAME", "SqliteReviewStore"]
 
@@ -150,31 +150,9 @@ class SqliteReviewStore:
     def _connect(self) -> sqlite3.Connection:
         if self._conn is not None:
             return self._conn
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
-        try:
-            conn.row_factory = sqlite3.Row
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise sqlite3.OperationalError(f"cannot switch to WAL (journal_mode={mode})")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=5000")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > _SCHEMA_VERSION:
-                raise sqlite3.OperationalError(
-                    f"schema version {version} is newer than this sidecar ({_SCHEMA_VERSION})"
-                )
-            conn.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-            # Review items hold callers' requests and answers: owner only.
-            os.chmod(self.path, 0o600)
-        except BaseException:
-            conn.close()
-            raise
+        conn = open_wal_database(
+            self.path, synchronous="FULL", schema=_SCHEMA, schema_version=_SCHEMA_VERSION
+        )
         self._conn = conn
         return conn
 
