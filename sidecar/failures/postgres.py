@@ -10,7 +10,6 @@ naming the server without its password. Records arrive already redacted.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,8 +22,11 @@ from sidecar.failures.store import (
     FailureQuery,
     FailureRecord,
     FailureStoreError,
-    RecordKind,
     RequestCount,
+    decode_cursor,
+    encode_cursor,
+    record_from_row,
+    record_values,
 )
 
 __all__ = ["COMPONENT", "MIGRATIONS", "PostgresFailureStore"]
@@ -81,92 +83,14 @@ MIGRATIONS = (
     ),
 )
 
-_CURSOR = re.compile(r"^(-?[0-9]{1,12}(?:\.[0-9]{1,9})?(?:e[+-]?[0-9]+)?)_([0-9a-f]{1,64})$")
 _INSERT = (
     f"INSERT INTO failures ({', '.join(_COLUMNS)}) "
     f"VALUES ({', '.join('%s' for _ in _COLUMNS)}) ON CONFLICT (id) DO NOTHING"
 )
 
 
-def _encode_cursor(record: FailureRecord) -> str:
-    return f"{record.time!r}_{record.id}"
-
-
-def _decode_cursor(cursor: str) -> tuple[float, str]:
-    match = _CURSOR.fullmatch(cursor)
-    if match is None:
-        raise ValueError("cursor is not one this store gave out")
-    return float(match.group(1)), match.group(2)
-
-
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)
-
-
-def _row_values(record: FailureRecord) -> tuple[Any, ...]:
-    return (
-        record.id,
-        record.time,
-        record.kind.value,
-        record.route,
-        record.upstream,
-        record.mode,
-        record.outcome,
-        record.request_id,
-        record.trace_id,
-        record.status,
-        record.attempts,
-        record.retries,
-        record.latency_ms,
-        record.upstream_ms,
-        record.breaker_state,
-        record.confidence,
-        record.confidence_band,
-        record.retry_budget_exhausted,
-        record.fallback_kind,
-        record.review_id,
-        record.upstream_status,
-        record.method,
-        record.path,
-        record.cause,
-        record.request_excerpt,
-        record.response_excerpt,
-        record.note,
-        Jsonb(record.detail, dumps=_dumps),
-    )
-
-
-def _record(row: dict[str, Any]) -> FailureRecord:
-    return FailureRecord(
-        id=row["id"],
-        time=row["time"],
-        kind=RecordKind(row["kind"]),
-        route=row["route"],
-        upstream=row["upstream"],
-        mode=row["mode"],
-        outcome=row["outcome"],
-        request_id=row["request_id"],
-        trace_id=row["trace_id"],
-        status=row["status"],
-        attempts=row["attempts"],
-        retries=row["retries"],
-        latency_ms=row["latency_ms"],
-        upstream_ms=row["upstream_ms"],
-        breaker_state=row["breaker_state"],
-        confidence=row["confidence"],
-        confidence_band=row["confidence_band"],
-        retry_budget_exhausted=bool(row["retry_budget_exhausted"]),
-        fallback_kind=row["fallback_kind"],
-        review_id=row["review_id"],
-        upstream_status=row["upstream_status"],
-        method=row["method"],
-        path=row["path"],
-        cause=row["cause"],
-        request_excerpt=row["request_excerpt"],
-        response_excerpt=row["response_excerpt"],
-        note=row["note"],
-        detail=row["detail"],
-    )
 
 
 class PostgresFailureStore:
@@ -244,7 +168,7 @@ class PostgresFailureStore:
             params["modes"] = list(query.modes)
         order = "DESC" if query.newest_first else "ASC"
         if query.cursor is not None:
-            after_time, after_id = _decode_cursor(query.cursor)
+            after_time, after_id = decode_cursor(query.cursor)
             where.append(f"(time, id) {'<' if query.newest_first else '>'} (%(at)s, %(aid)s)")
             params["at"] = after_time
             params["aid"] = after_id
@@ -263,7 +187,7 @@ class PostgresFailureStore:
         records = [_record(row) for row in rows[: query.limit]]
         more = len(rows) > query.limit
         return FailurePage(
-            records=records, next_cursor=_encode_cursor(records[-1]) if more else None
+            records=records, next_cursor=encode_cursor(records[-1]) if more else None
         )
 
     async def request_counts(
@@ -326,3 +250,11 @@ class PostgresFailureStore:
 
     async def close(self) -> None:
         await self.db.close()
+
+
+def _row_values(record: FailureRecord) -> tuple[Any, ...]:
+    return record_values(record, flag=bool, detail=lambda d: Jsonb(d, dumps=_dumps))
+
+
+def _record(row: dict[str, Any]) -> FailureRecord:
+    return record_from_row(row, detail=lambda d: d)

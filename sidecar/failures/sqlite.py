@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import re
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,8 +24,11 @@ from sidecar.failures.store import (
     FailureQuery,
     FailureRecord,
     FailureStoreError,
-    RecordKind,
     RequestCount,
+    decode_cursor,
+    encode_cursor,
+    record_from_row,
+    record_values,
 )
 from sidecar.sqlite_wal import open_wal_database
 
@@ -79,86 +81,8 @@ CREATE TABLE IF NOT EXISTS request_counts (
 ) WITHOUT ROWID;
 """
 
-_CURSOR = re.compile(r"^(-?[0-9]{1,12}(?:\.[0-9]{1,9})?(?:e[+-]?[0-9]+)?)_([0-9a-f]{1,64})$")
 
 T = TypeVar("T")
-
-
-def _encode_cursor(record: FailureRecord) -> str:
-    return f"{record.time!r}_{record.id}"
-
-
-def _decode_cursor(cursor: str) -> tuple[float, str]:
-    match = _CURSOR.fullmatch(cursor)
-    if match is None:
-        raise ValueError("cursor is not one this store gave out")
-    return float(match.group(1)), match.group(2)
-
-
-def _row_values(record: FailureRecord) -> tuple[Any, ...]:
-    return (
-        record.id,
-        record.time,
-        record.kind.value,
-        record.route,
-        record.upstream,
-        record.mode,
-        record.outcome,
-        record.request_id,
-        record.trace_id,
-        record.status,
-        record.attempts,
-        record.retries,
-        record.latency_ms,
-        record.upstream_ms,
-        record.breaker_state,
-        record.confidence,
-        record.confidence_band,
-        int(record.retry_budget_exhausted),
-        record.fallback_kind,
-        record.review_id,
-        record.upstream_status,
-        record.method,
-        record.path,
-        record.cause,
-        record.request_excerpt,
-        record.response_excerpt,
-        record.note,
-        json.dumps(record.detail, separators=(",", ":"), default=str),
-    )
-
-
-def _record(row: sqlite3.Row) -> FailureRecord:
-    return FailureRecord(
-        id=row["id"],
-        time=row["time"],
-        kind=RecordKind(row["kind"]),
-        route=row["route"],
-        upstream=row["upstream"],
-        mode=row["mode"],
-        outcome=row["outcome"],
-        request_id=row["request_id"],
-        trace_id=row["trace_id"],
-        status=row["status"],
-        attempts=row["attempts"],
-        retries=row["retries"],
-        latency_ms=row["latency_ms"],
-        upstream_ms=row["upstream_ms"],
-        breaker_state=row["breaker_state"],
-        confidence=row["confidence"],
-        confidence_band=row["confidence_band"],
-        retry_budget_exhausted=bool(row["retry_budget_exhausted"]),
-        fallback_kind=row["fallback_kind"],
-        review_id=row["review_id"],
-        upstream_status=row["upstream_status"],
-        method=row["method"],
-        path=row["path"],
-        cause=row["cause"],
-        request_excerpt=row["request_excerpt"],
-        response_excerpt=row["response_excerpt"],
-        note=row["note"],
-        detail=json.loads(row["detail"]),
-    )
 
 
 class SqliteFailureStore:
@@ -274,7 +198,7 @@ class SqliteFailureStore:
             params.update({n[1:]: m for n, m in zip(names, query.modes, strict=True)})
         order = "DESC" if query.newest_first else "ASC"
         if query.cursor is not None:
-            after_time, after_id = _decode_cursor(query.cursor)
+            after_time, after_id = decode_cursor(query.cursor)
             where.append(f"(time, id) {'<' if query.newest_first else '>'} (:at, :aid)")
             params["at"] = after_time
             params["aid"] = after_id
@@ -289,7 +213,7 @@ class SqliteFailureStore:
             records = [_record(row) for row in rows[: query.limit]]
             more = len(rows) > query.limit
             return FailurePage(
-                records=records, next_cursor=_encode_cursor(records[-1]) if more else None
+                records=records, next_cursor=encode_cursor(records[-1]) if more else None
             )
 
         return await self._run(work)
@@ -360,3 +284,13 @@ class SqliteFailureStore:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._drop_connection)
         self._executor.shutdown(wait=True)
+
+
+def _row_values(record: FailureRecord) -> tuple[Any, ...]:
+    return record_values(
+        record, flag=int, detail=lambda d: json.dumps(d, separators=(",", ":"), default=str)
+    )
+
+
+def _record(row: sqlite3.Row) -> FailureRecord:
+    return record_from_row(dict(row), detail=json.loads)

@@ -18,7 +18,8 @@ Contract of a backend:
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -31,6 +32,10 @@ __all__ = [
     "FailureStoreError",
     "RecordKind",
     "RequestCount",
+    "decode_cursor",
+    "encode_cursor",
+    "record_from_row",
+    "record_values",
 ]
 
 
@@ -168,3 +173,45 @@ RECORD_COLUMNS = (
     "note",
     "detail",
 )
+
+
+_CURSOR = re.compile(r"^(-?[0-9]{1,12}(?:\.[0-9]{1,9})?(?:e[+-]?[0-9]+)?)_([0-9a-f]{1,64})$")
+
+
+def encode_cursor(record: FailureRecord) -> str:
+    """The paging cursor after `record` (its time and id), the same for every backend."""
+    return f"{record.time!r}_{record.id}"
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    match = _CURSOR.fullmatch(cursor)
+    if match is None:
+        raise ValueError("cursor is not one this store gave out")
+    return float(match.group(1)), match.group(2)
+
+
+def record_values(
+    record: FailureRecord, *, flag: Callable[[bool], Any], detail: Callable[[Any], Any]
+) -> tuple[Any, ...]:
+    """A record as column values in `RECORD_COLUMNS` order; `flag` and `detail` say how this
+    backend stores a boolean and the detail document."""
+    values: list[Any] = []
+    for name in RECORD_COLUMNS:
+        value = getattr(record, name)
+        if name == "kind":
+            value = value.value
+        elif name == "retry_budget_exhausted":
+            value = flag(value)
+        elif name == "detail":
+            value = detail(value)
+        values.append(value)
+    return tuple(values)
+
+
+def record_from_row(row: Mapping[str, Any], *, detail: Callable[[Any], Any]) -> FailureRecord:
+    """A stored row back as a record; `detail` decodes this backend's detail column."""
+    fields: dict[str, Any] = {name: row[name] for name in RECORD_COLUMNS}
+    fields["kind"] = RecordKind(fields["kind"])
+    fields["retry_budget_exhausted"] = bool(fields["retry_budget_exhausted"])
+    fields["detail"] = detail(fields["detail"])
+    return FailureRecord(**fields)

@@ -190,8 +190,10 @@ async def test_cache_answers_with_the_last_good_answer_and_never_crosses_callers
     alice = {"Authorization": "Bearer alice"}
     status, good, headers = await post(http, url, CHAT, **alice)
     assert status == 200 and headers["x-sidecar-outcome"] == "ok"
-    async with http.post(model_url + "/_demo/faults", json={"spec": "status=503", "seconds": 60}):
-        pass
+    async with http.post(
+        model_url + "/_demo/faults", json={"spec": "status=503", "seconds": 60}
+    ) as armed:
+        assert armed.status == 200
     status, body, headers = await post(http, url, CHAT, **alice)
     assert status == 200 and body == good  # byte-for-byte the answer alice got before
     assert_fallback(headers, "cache", "upstream_5xx")

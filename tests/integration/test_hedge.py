@@ -78,8 +78,8 @@ async def run_share_of_slow(
     http: aiohttp.ClientSession, model_url: str, sc: SidecarProc
 ) -> tuple[list[float], float]:
     """N sequential requests, every fifth one's first upstream request slowed by 1s."""
-    async with http.post(model_url + "/_demo/stats/reset"):
-        pass
+    async with http.post(model_url + "/_demo/stats/reset") as reset:
+        assert reset.status == 200
     latencies = []
     started = time.monotonic()
     for i in range(N):
@@ -144,8 +144,8 @@ async def test_the_retry_budget_caps_hedges_when_every_answer_is_slow(
         )
     )
     await add_fault(http, model_url, spec="latency=300ms", rate=1.0)
-    async with http.post(model_url + "/_demo/stats/reset"):
-        pass
+    async with http.post(model_url + "/_demo/stats/reset") as reset:
+        assert reset.status == 200
     n, wave = 40, 20
     started = time.monotonic()
     for _ in range(n // wave):
