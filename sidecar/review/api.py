@@ -145,8 +145,15 @@ def _age(request: web.Request, name: str) -> float | None:
         raise _bad(f"{name}: {exc}") from None
 
 
+_LIST_PARAMS = frozenset({"route", "status", "older_than", "newer_than", "limit", "cursor"})
+
+
 def _query(request: web.Request) -> ReviewQuery:
     q = request.query
+    unknown = sorted(set(q) - _LIST_PARAMS)
+    if unknown:
+        # The OpenAPI document forbids other parameters; a typo must not widen the listing.
+        raise _bad(f"unknown query parameter(s): {', '.join(repr(u) for u in unknown)}")
     status = None
     if "status" in q:
         try:
