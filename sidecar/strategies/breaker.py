@@ -9,6 +9,12 @@ Sits inside retry (every attempt counts, an open circuit is never retried) and o
 attempt timeout (timeouts trip it). It opens on N consecutive failures or on a failure ratio over a
 sliding window once a minimum number of calls is seen; the open duration doubles on repeated
 opens (with jitter) up to a cap; half-open admits only the configured number of probes.
+
+Every admission hands out an `Admission` naming the breaker's period (a generation that moves on
+each open, half-open and close). An outcome is applied only in the period that admitted the call:
+a probe that outlives its half-open period (the circuit reopened, by a replica, an operator or a
+timer, and half-opened again) neither closes nor reopens the new period nor frees its probe slot,
+and a call admitted in an earlier closed period does not count towards a later one.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from sidecar.context import RequestContext
 from sidecar.errors import FailureMode, SidecarError
 from sidecar.pipeline import Handler, ProxyRequest, ProxyResponse
 
-__all__ = ["BreakerConfig", "BreakerStrategy", "CircuitBreaker", "State"]
+__all__ = ["Admission", "BreakerConfig", "BreakerStrategy", "CircuitBreaker", "State"]
 
 _SLOTS = 10
 
@@ -58,6 +64,16 @@ class BreakerConfig:
     #: never talks to it; `sidecar.transport.breaker_sync` does, in the background.
     storage: str | None = None
     storage_prefix: str = "sidecar:breaker:"
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A call let through by `CircuitBreaker.admit`, handed back with its outcome."""
+
+    #: The breaker's period when the call was admitted; outcomes of an older period are dropped.
+    generation: int
+    #: True when the call is one of a half-open period's probes.
+    probe: bool
 
 
 TransitionListener = Callable[["CircuitBreaker", str, str, "RequestContext | None"], None]
@@ -89,6 +105,8 @@ class CircuitBreaker:
         self.first_opened_at_mono: float | None = None
         self.reopens = 0
         self.probes_in_flight = 0
+        #: The current period (closed, open or half-open); see `Admission`.
+        self.generation = 0
         self.open_count = 0
         self.transitions: dict[str, int] = {State.OPEN: 0, State.HALF_OPEN: 0, State.CLOSED: 0}
         self.last_recovery_seconds: float | None = None
@@ -135,7 +153,7 @@ class CircuitBreaker:
             self.first_opened_at_mono = now
         self.reopens += 1
         self.open_count += 1
-        self.probes_in_flight = 0
+        self._new_period()
         self.open_adopted = False
         self.storage.opened_at = dt.datetime.fromtimestamp(self.clock.wall(), tz=dt.UTC)
         self._set_state(State.OPEN, ctx)
@@ -157,7 +175,7 @@ class CircuitBreaker:
         self.opened_at_mono = now
         if self.first_opened_at_mono is None:
             self.first_opened_at_mono = now
-        self.probes_in_flight = 0
+        self._new_period()
         self.open_adopted = True
         self.storage.opened_at = dt.datetime.fromtimestamp(self.clock.wall(), tz=dt.UTC)
         self._set_state(State.OPEN, None)
@@ -179,11 +197,16 @@ class CircuitBreaker:
         self.first_opened_at_mono = None
         self.opened_at_mono = None
         self.reopens = 0
-        self.probes_in_flight = 0
+        self._new_period()
         self.open_adopted = False
         self.storage.reset_counter()
         self._reset_window()
         self._set_state(State.CLOSED, ctx)
+
+    def _new_period(self) -> None:
+        """Calls admitted before now no longer move the state, nor hold or free a probe slot."""
+        self.generation += 1
+        self.probes_in_flight = 0
 
     # -- window --------------------------------------------------------------------------------
     def _reset_window(self) -> None:
@@ -210,23 +233,34 @@ class CircuitBreaker:
         return calls, failures
 
     # -- the protocol: admit, then record exactly one of success / failure / ignored ------------
-    def admit(self, ctx: RequestContext | None = None) -> bool:
-        """Return True when the call is a half-open probe; raise `circuit_open` when refused."""
+    def admit(self, ctx: RequestContext | None = None) -> Admission:
+        """Let a call through (a probe while half-open); raise `circuit_open` when refused. The
+        returned `Admission` goes back to exactly one of the `record_*` methods."""
         if not self.config.enabled:
-            return False
+            return Admission(self.generation, probe=False)
         state = self.state
         now = self.clock.monotonic()
         if state == State.OPEN:
             if now < self.open_until:
                 raise self._refusal(self.open_until - now)
+            self._new_period()
             self._set_state(State.HALF_OPEN, ctx)
             state = State.HALF_OPEN
         if state == State.HALF_OPEN:
             if self.probes_in_flight >= self.config.half_open_probes:
                 raise self._refusal(max(self.config.open_for * 0.1, 0.001))
             self.probes_in_flight += 1
-            return True
-        return False
+            return Admission(self.generation, probe=True)
+        return Admission(self.generation, probe=False)
+
+    def _current(self, admission: Admission) -> bool:
+        """Whether `admission` belongs to the period the breaker is in now; a current probe gives
+        its slot back here, a stale one never does (the slot it held belonged to its period)."""
+        if not self.config.enabled or admission.generation != self.generation:
+            return False
+        if admission.probe:
+            self.probes_in_flight = max(0, self.probes_in_flight - 1)
+        return True
 
     def _refusal(self, retry_after: float) -> SidecarError:
         return SidecarError(
@@ -235,12 +269,11 @@ class CircuitBreaker:
             retry_after=retry_after,
         )
 
-    def record_success(self, probe: bool, ctx: RequestContext | None = None) -> None:
-        if not self.config.enabled:
+    def record_success(self, admission: Admission, ctx: RequestContext | None = None) -> None:
+        if not self._current(admission):
             return
         now = self.clock.monotonic()
-        if probe:
-            self.probes_in_flight = max(0, self.probes_in_flight - 1)
+        if admission.probe:
             if self.state == State.HALF_OPEN:
                 self._close(ctx)
             return
@@ -248,12 +281,11 @@ class CircuitBreaker:
             self._calls[self._slot(now)] += 1
             self.storage.reset_counter()
 
-    def record_failure(self, probe: bool, ctx: RequestContext | None = None) -> None:
-        if not self.config.enabled:
+    def record_failure(self, admission: Admission, ctx: RequestContext | None = None) -> None:
+        if not self._current(admission):
             return
         now = self.clock.monotonic()
-        if probe:
-            self.probes_in_flight = max(0, self.probes_in_flight - 1)
+        if admission.probe:
             if self.state == State.HALF_OPEN:
                 self._open(ctx)
             return
@@ -269,10 +301,9 @@ class CircuitBreaker:
         ):
             self._open(ctx)
 
-    def record_ignored(self, probe: bool) -> None:
+    def record_ignored(self, admission: Admission) -> None:
         """The call ended without saying anything about the upstream (client cancelled)."""
-        if probe:
-            self.probes_in_flight = max(0, self.probes_in_flight - 1)
+        self._current(admission)
 
     # -- operator actions ---------------------------------------------------------------------
     def force(self, action: str) -> None:
@@ -326,7 +357,7 @@ class BreakerStrategy:
     ) -> ProxyResponse:
         breaker = self.breaker
         try:
-            probe = breaker.admit(ctx)
+            admission = breaker.admit(ctx)
         finally:
             # Set even when admission fails fast (circuit_open): logs and failure records say so.
             ctx.breaker_state = breaker.state
@@ -334,22 +365,22 @@ class BreakerStrategy:
             response = await next(request, ctx)
         except SidecarError as err:
             if counts_against_upstream(err.mode):
-                breaker.record_failure(probe, ctx)
+                breaker.record_failure(admission, ctx)
             else:
-                breaker.record_ignored(probe)
+                breaker.record_ignored(admission)
             raise
         except asyncio.CancelledError:
-            breaker.record_ignored(probe)
+            breaker.record_ignored(admission)
             raise
         except Exception:
-            breaker.record_failure(probe, ctx)
+            breaker.record_failure(admission, ctx)
             raise
         finally:
             # The state after this call, on every path (a tripping error included).
             ctx.breaker_state = breaker.state
         if counts_against_upstream(classify_status(response.status)):
-            breaker.record_failure(probe, ctx)
+            breaker.record_failure(admission, ctx)
         else:
-            breaker.record_success(probe, ctx)
+            breaker.record_success(admission, ctx)
         ctx.breaker_state = breaker.state
         return response

@@ -271,7 +271,7 @@ async def test_an_outage_is_logged_once_counted_every_time_and_never_blocks_the_
     await sync.start()
     try:
         await wait_until(lambda: _true(len(errors) >= 3), timeout=5)
-        local.record_failure(False)  # the breaker decides at once, Redis or not
+        local.record_failure(local.admit())  # the breaker decides at once, Redis or not
         assert local.state == State.OPEN
         # Nothing is sent while the store is known to be away (the open is announced again on
         # reconnecting), so the request path never waits on it.

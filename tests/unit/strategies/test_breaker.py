@@ -11,7 +11,13 @@ import pytest
 from sidecar.clock import FakeClock
 from sidecar.context import RequestContext
 from sidecar.errors import FailureMode, SidecarError
-from sidecar.strategies.breaker import BreakerConfig, BreakerStrategy, CircuitBreaker, State
+from sidecar.strategies.breaker import (
+    Admission,
+    BreakerConfig,
+    BreakerStrategy,
+    CircuitBreaker,
+    State,
+)
 from tests.unit.strategies.scripted import Scripted, hang, make_ctx, make_request, response
 
 
@@ -150,12 +156,13 @@ def test_open_circuit_refuses_with_retry_after(clock: FakeClock) -> None:
     assert info.value.retry_after == pytest.approx(3.0)
 
 
-def test_failures_reported_while_open_are_ignored(clock: FakeClock) -> None:
+def test_calls_admitted_while_closed_that_end_while_open_are_ignored(clock: FakeClock) -> None:
     cb = breaker(clock)
+    late = [cb.admit(), cb.admit()]
     trip(cb)
     until = cb.open_until
-    cb.record_failure(False)
-    cb.record_success(False)
+    cb.record_failure(late[0])
+    cb.record_success(late[1])
     assert cb.state == State.OPEN
     assert cb.open_until == until
     assert cb.open_count == 1
@@ -172,7 +179,7 @@ def test_half_open_after_open_for_in_fake_time(clock: FakeClock) -> None:
         cb.admit()
     clock.advance(0.001)
     ctx = make_ctx(clock)
-    assert cb.admit(ctx) is True
+    assert cb.admit(ctx).probe is True
     assert cb.state == State.HALF_OPEN
     assert [e.name for e in ctx.events] == ["circuit_half_open"]
     assert cb.transitions[State.HALF_OPEN] == 1
@@ -183,15 +190,16 @@ def test_half_open_admits_exactly_the_configured_probes(clock: FakeClock, probes
     cb = breaker(clock, open_for=5.0, half_open_probes=probes)
     trip(cb)
     clock.advance(5.0)
-    assert [cb.admit() for _ in range(probes)] == [True] * probes
+    admitted = [cb.admit() for _ in range(probes)]
+    assert [a.probe for a in admitted] == [True] * probes
     assert cb.probes_in_flight == probes
     with pytest.raises(SidecarError) as info:
         cb.admit()
     assert info.value.mode == FailureMode.CIRCUIT_OPEN
     assert info.value.retry_after is not None and info.value.retry_after > 0
     # A finished probe frees its slot for another.
-    cb.record_ignored(True)
-    assert cb.admit() is True
+    cb.record_ignored(admitted[0])
+    assert cb.admit().probe is True
     with pytest.raises(SidecarError):
         cb.admit()
 
@@ -212,7 +220,7 @@ def test_probe_success_closes_and_records_recovery_time(clock: FakeClock) -> Non
     assert closed.attrs["from"] == State.HALF_OPEN
     assert cb.probes_in_flight == 0
     # Closed again: calls flow and the counters start afresh.
-    assert cb.admit() is False
+    assert cb.admit().probe is False
     assert cb.snapshot()["consecutive_failures"] == 0
     assert cb.window_counts() == (0, 0)
 
@@ -235,7 +243,7 @@ def test_probe_failure_reopens_with_doubled_duration_capped(clock: FakeClock) ->
     for _ in range(4):
         clock.advance(durations[-1])
         probe = cb.admit()
-        assert probe is True
+        assert probe.probe is True
         cb.record_failure(probe)
         assert cb.state == State.OPEN
         durations.append(cb.open_until - clock.monotonic())
@@ -295,6 +303,145 @@ def test_ignored_call_never_counts(clock: FakeClock) -> None:
     assert cb.snapshot()["consecutive_failures"] == 0
 
 
+# -- stale outcomes: an outcome moves the state only in the period that admitted its call ------
+
+
+def reopen(cb: CircuitBreaker, how: str, clock: FakeClock) -> None:
+    """End the current half-open period without its probe's outcome."""
+    if how == "operator":
+        cb.force("open")
+    elif how == "replica":
+        assert cb.adopt_open(clock.monotonic() + 3.0)
+    else:  # another probe of the same period failed
+        cb.record_failure(cb.admit())
+    assert cb.state == State.OPEN
+
+
+def half_open_again(cb: CircuitBreaker, clock: FakeClock) -> Admission:
+    clock.advance(cb.open_until - clock.monotonic())
+    probe = cb.admit()
+    assert probe.probe and cb.state == State.HALF_OPEN
+    return probe
+
+
+REOPENED_BY = ["operator", "replica", "probe"]
+
+
+@pytest.mark.parametrize("how", REOPENED_BY)
+def test_a_stale_probe_success_does_not_close_the_next_half_open_period(
+    clock: FakeClock, how: str
+) -> None:
+    cb = breaker(clock, half_open_probes=2 if how == "probe" else 1)
+    trip(cb)
+    clock.advance(5.0)
+    stale = cb.admit()
+    reopen(cb, how, clock)
+    current = half_open_again(cb, clock)
+    if how == "probe":
+        cb.admit()  # fill the second slot too
+    held = cb.probes_in_flight
+    cb.record_success(stale)
+    assert cb.state == State.HALF_OPEN
+    assert cb.probes_in_flight == held  # the stale probe held no slot of this period
+    with pytest.raises(SidecarError):
+        cb.admit()
+    cb.record_success(current)  # this period's probe decides
+    assert cb.state == State.CLOSED
+
+
+@pytest.mark.parametrize("how", REOPENED_BY)
+def test_a_stale_probe_failure_does_not_reopen_the_next_half_open_period(
+    clock: FakeClock, how: str
+) -> None:
+    cb = breaker(clock, half_open_probes=2 if how == "probe" else 1)
+    trip(cb)
+    clock.advance(5.0)
+    stale = cb.admit()
+    reopen(cb, how, clock)
+    current = half_open_again(cb, clock)
+    opens = cb.open_count
+    cb.record_failure(stale)
+    assert cb.state == State.HALF_OPEN and cb.open_count == opens
+    cb.record_failure(current)
+    assert cb.state == State.OPEN and cb.open_count == opens + 1
+
+
+def test_a_stale_probe_released_does_not_free_the_new_periods_slot(clock: FakeClock) -> None:
+    cb = breaker(clock, half_open_probes=1)
+    trip(cb)
+    clock.advance(5.0)
+    stale = cb.admit()
+    cb.force("open")
+    current = half_open_again(cb, clock)
+    cb.record_ignored(stale)
+    assert cb.probes_in_flight == 1
+    with pytest.raises(SidecarError) as info:
+        cb.admit()
+    assert info.value.mode == FailureMode.CIRCUIT_OPEN
+    cb.record_ignored(current)  # the current probe does free it
+    assert cb.probes_in_flight == 0
+    assert cb.admit().probe is True
+
+
+def test_stale_failures_do_not_reopen_a_freshly_closed_circuit(clock: FakeClock) -> None:
+    cb = breaker(clock, consecutive_failures=1, min_calls=1)
+    admitted_closed = cb.admit()
+    trip(cb)
+    clock.advance(5.0)
+    stale_probe = cb.admit()
+    cb.force("open")
+    cb.record_success(half_open_again(cb, clock))
+    assert cb.state == State.CLOSED
+    cb.record_failure(stale_probe)
+    cb.record_failure(admitted_closed)  # from the closed period before the first open
+    assert cb.state == State.CLOSED
+    assert cb.snapshot()["consecutive_failures"] == 0
+    assert cb.window_counts() == (0, 0)
+    fail(cb)  # a call of this closed period still trips it
+    assert cb.state == State.OPEN
+
+
+def test_calls_of_an_earlier_closed_period_do_not_count_in_a_later_one(clock: FakeClock) -> None:
+    cb = breaker(clock, consecutive_failures=3, failure_ratio=0.5, min_calls=4)
+    earlier = [cb.admit() for _ in range(4)]
+    trip(cb)
+    clock.advance(5.0)
+    succeed(cb)  # the probe closes: a new closed period
+    assert cb.state == State.CLOSED
+    fail(cb, 2)
+    cb.record_success(earlier[0])  # would reset the consecutive counter
+    for late in earlier[1:]:
+        cb.record_failure(late)  # would trip on count and on ratio
+    assert cb.state == State.CLOSED
+    assert cb.snapshot()["consecutive_failures"] == 2
+    assert cb.window_counts() == (2, 2)
+    fail(cb)
+    assert cb.state == State.OPEN
+
+
+def test_calls_admitted_together_in_one_closed_period_all_count(clock: FakeClock) -> None:
+    cb = breaker(clock, consecutive_failures=3)
+    in_flight = [cb.admit() for _ in range(3)]
+    cb.record_success(cb.admit())  # others finish in between; still the same period
+    for admission in in_flight[:2]:
+        cb.record_failure(admission)
+    assert cb.state == State.CLOSED
+    cb.record_failure(in_flight[2])
+    assert cb.state == State.OPEN
+    assert cb.window_counts() == (4, 3)
+
+
+def test_a_forced_reset_starts_a_new_closed_period(clock: FakeClock) -> None:
+    cb = breaker(clock, consecutive_failures=2)
+    before = cb.admit()
+    fail(cb)
+    cb.force("reset")
+    fail(cb)
+    cb.record_failure(before)  # counted against the counters the operator cleared
+    assert cb.state == State.CLOSED
+    assert cb.snapshot()["consecutive_failures"] == 1
+
+
 # -- operator actions and snapshot -------------------------------------------------------------
 
 
@@ -307,7 +454,7 @@ def test_force_open_close_reset(clock: FakeClock) -> None:
     clock.advance(1.0)
     cb.force("close")
     assert cb.state == State.CLOSED
-    assert cb.admit() is False
+    assert cb.admit().probe is False
     assert cb.last_recovery_seconds == pytest.approx(1.0)
     assert cb.open_count == 1
     cb.force("open")
@@ -379,8 +526,9 @@ def test_listeners_see_every_transition(clock: FakeClock) -> None:
 def test_disabled_breaker_never_refuses(clock: FakeClock) -> None:
     cb = breaker(clock, enabled=False, consecutive_failures=1, min_calls=1)
     for _ in range(50):
-        assert cb.admit() is False
-        cb.record_failure(False)
+        admission = cb.admit()
+        assert admission.probe is False
+        cb.record_failure(admission)
     assert cb.state == State.CLOSED
     assert cb.open_count == 0
     assert cb.snapshot()["enabled"] is False
@@ -534,3 +682,37 @@ async def test_disabled_breaker_strategy_always_calls_upstream(clock: FakeClock)
     for _ in range(5):
         assert (await strategy(make_request(), make_ctx(clock), script)).status == 500
     assert script.calls == 5
+
+
+async def test_a_probe_outliving_its_period_answers_its_caller_but_does_not_decide(
+    clock: FakeClock,
+) -> None:
+    cb = breaker(clock)
+    trip(cb)
+    clock.advance(5.0)
+    strategy = BreakerStrategy(cb)
+    stale_gate, current_gate = asyncio.Event(), asyncio.Event()
+
+    async def still_failing(request: object, ctx: RequestContext) -> object:
+        await current_gate.wait()
+        return response(503)
+
+    upstream = Scripted(hang(stale_gate), still_failing)
+    stale_ctx, current_ctx = make_ctx(clock), make_ctx(clock)
+    stale = asyncio.create_task(strategy(make_request(), stale_ctx, upstream))
+    await asyncio.sleep(0)
+    assert cb.probes_in_flight == 1
+    cb.force("open")  # an operator reopens while the probe is out
+    clock.advance(cb.open_until - clock.monotonic())
+    current = asyncio.create_task(strategy(make_request(), current_ctx, upstream))
+    await asyncio.sleep(0)
+    assert upstream.calls == 2 and cb.state == State.HALF_OPEN
+    stale_gate.set()
+    assert (await stale).status == 200  # its caller still gets the answer
+    assert cb.state == State.HALF_OPEN and cb.probes_in_flight == 1
+    assert stale_ctx.breaker_state == State.HALF_OPEN
+    assert "circuit_closed" not in [e.name for e in stale_ctx.events]
+    current_gate.set()
+    assert (await current).status == 503
+    assert cb.state == State.OPEN
+    assert current_ctx.breaker_state == State.OPEN

@@ -30,8 +30,9 @@ def test_an_adopted_open_fails_fast_until_the_shared_moment_then_probes() -> Non
     assert info.value.mode == FailureMode.CIRCUIT_OPEN
     assert info.value.retry_after == pytest.approx(3.0)
     clock.advance(3.0)
-    assert breaker.admit() is True  # our own probe decides
-    breaker.record_success(True)
+    probe = breaker.admit()
+    assert probe.probe  # our own probe decides
+    breaker.record_success(probe)
     assert breaker.state == State.CLOSED and not breaker.open_adopted
     # An adopted open is not an open of our own: no backoff growth for the next one.
     assert breaker.reopens == 0 and breaker.open_count == 0
@@ -55,9 +56,10 @@ def test_a_probe_in_flight_when_another_replica_opens_is_ignored() -> None:
     breaker, _ = make(clock)
     breaker.force("open")
     clock.advance(5.0)
-    assert breaker.admit() is True  # half-open probe
+    probe = breaker.admit()
+    assert probe.probe  # half-open probe
     assert breaker.adopt_open(clock.monotonic() + 4.0)
-    breaker.record_success(True)  # the probe's answer arrives after the shared open
+    breaker.record_success(probe)  # the probe's answer arrives after the shared open
     assert breaker.state == State.OPEN and breaker.probes_in_flight == 0
 
 
@@ -74,8 +76,9 @@ def test_another_replicas_close_makes_the_next_call_a_probe() -> None:
     breaker.force("open")
     assert breaker.hasten_probe()
     assert breaker.snapshot()["next_probe_in"] == 0
-    assert breaker.admit() is True and breaker.state == State.HALF_OPEN
-    breaker.record_failure(True)  # the model is still failing for us: we open again ourselves
+    probe = breaker.admit()
+    assert probe.probe and breaker.state == State.HALF_OPEN
+    breaker.record_failure(probe)  # the model is still failing for us: we open again ourselves
     assert breaker.state == State.OPEN and not breaker.open_adopted
     closed, _ = make(clock)
     assert not closed.hasten_probe()

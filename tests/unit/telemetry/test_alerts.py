@@ -43,7 +43,7 @@ def test_breaker_opened_fires_on_open_only() -> None:
     alerts, log = engine(clock)
     breaker = CircuitBreaker("model", BreakerConfig(consecutive_failures=1), clock)
     breaker.listeners.append(alerts.breaker_transition)
-    breaker.record_failure(False)
+    breaker.record_failure(breaker.admit())
     assert fired(log) == [("breaker_opened", {"upstream": "model"})]
     breaker.force("close")
     assert len(fired(log)) == 1

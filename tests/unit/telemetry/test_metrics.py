@@ -63,10 +63,11 @@ def test_breaker_state_transitions_and_recovery() -> None:
     breaker = CircuitBreaker("model", BreakerConfig(consecutive_failures=1, jitter=0), clock)
     breaker.listeners.append(m.breaker_transition)
     m.watch(breakers=lambda: [breaker], in_flight=lambda: 3, wall=clock.wall)
-    breaker.record_failure(False)
+    breaker.record_failure(breaker.admit())
     assert value(m, "sidecar_breaker_state", upstream="model") == 2
     clock.advance(10)
     probe = breaker.admit()
+    assert probe.probe
     assert value(m, "sidecar_breaker_state", upstream="model") == 1
     breaker.record_success(probe)
     assert value(m, "sidecar_breaker_state", upstream="model") == 0
