@@ -722,7 +722,12 @@ class ReviewWebhookPolicy(_Model):
         pattern=r"^[A-Z_][A-Z0-9_]*$",
         description="Environment variable holding the HMAC-SHA256 signing secret (16+ chars).",
     )
-    timeout: Duration = Field(5.0, gt=0, description="Timeout of one delivery attempt.")
+    timeout: Duration = Field(
+        5.0,
+        gt=0,
+        description="Timeout of one delivery attempt (until the status); a later answer counts "
+        "as failed and the event is sent again (receivers dedupe on its id).",
+    )
     backoff: BackoffPolicy = Field(
         default_factory=lambda: BackoffPolicy(base=1.0, max=300.0),
         description="Exponential backoff between attempts of one event.",

@@ -4,11 +4,14 @@ The store writes an event into its outbox in the same transaction as the change 
 new item, a resolution), so the request path never waits for a receiver and an event survives a
 restart. This sender, one task per app, takes due events (leased, so replicas sharing a
 PostgreSQL outbox do not send the same event at the same time), POSTs each body as stored and
-deletes it on a 2xx answer. Anything else (a refused connection, a timeout, a non-2xx status)
-makes the event due again after an exponential backoff with jitter; an event still undelivered
-after `max_age` is dropped and logged. Delivery is at least once: a receiver dedupes on the
-event id (`X-Sidecar-Event-Id`, also the body's `id`), since a crash between a receiver's answer
-and the delete means the event is sent again.
+deletes it on a 2xx answer. The status decides: the answer's body is read only so the connection
+can be reused, and a body that is slow or cut after a 2xx does not undo the delivery. Anything
+else (a refused connection, no status within `timeout`, a non-2xx status) makes the event due
+again after an exponential backoff with jitter; an event still undelivered after `max_age` is
+dropped and logged. Delivery is at least once: a receiver that handles a request but answers
+after `timeout`, or a stop or crash between its answer and the delete, means the event is sent
+again, with the same event id (`X-Sidecar-Event-Id`, also the body's `id`) and the same signed
+bytes, so the receiver dedupes on the id.
 
 Every POST carries `X-Sidecar-Signature: sha256=<hex>`, the HMAC-SHA256 of the raw body under the
 secret from `SIDECAR_WEBHOOK_SECRET`; receivers compare it in constant time before trusting the
@@ -34,6 +37,8 @@ __all__ = ["SIGNATURE_HEADER", "WebhookDispatcher", "signature", "verify_signatu
 
 SIGNATURE_HEADER = "X-Sidecar-Signature"
 _BATCH = 10
+#: Most of an answer's body read (only so its connection can be reused); the status decides.
+_ANSWER_LIMIT = 64 * 1024
 _EXPIRE_EVERY = 60.0
 _STORE_RETRY = 1.0
 
@@ -184,8 +189,11 @@ class WebhookDispatcher:
                 async with self._client().post(
                     self.settings.url, data=body, headers=headers, allow_redirects=False
                 ) as resp:
-                    await resp.read()
                     status = resp.status
+                    # The receiver has answered: a slow or cut body must not turn a 2xx into a
+                    # retry (a duplicate). Unread rest: the connection is closed, not reused.
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                        await _drain(resp)
                 error = None if 200 <= status < 300 else f"HTTP {status}"
             except (aiohttp.ClientError, TimeoutError) as exc:
                 status, error = None, f"{type(exc).__name__}: {exc}".strip(": ")
@@ -222,3 +230,9 @@ class WebhookDispatcher:
         except BaseException:
             self._in_flight.discard(event.id)
             raise
+
+
+async def _drain(resp: aiohttp.ClientResponse) -> None:
+    left = _ANSWER_LIMIT
+    while left > 0 and (chunk := await resp.content.read(left)):
+        left -= len(chunk)
