@@ -255,7 +255,7 @@ async def _run(args: argparse.Namespace, cores: Cores) -> dict[str, Any]:
                         env, keys, rate, args.duration or duration, rounds, log=_log
                     )
             if on("sse"):
-                _log("SSE, 50 rps")
+                _log(f"SSE, 50 rps, events {sc.SSE_CHUNK_INTERVAL_MS} ms apart")
                 results["sse"] = await sc.sse(env, base, 50, args.duration or 5.0, rounds, log=_log)
             if on("streams"):
                 _log("1,000 open streams (hold_after_first)")

@@ -11,7 +11,8 @@ The client is a small `asyncio.Protocol` (no aiohttp on the measuring path): one
 time per pooled keep-alive connection, pre-encoded request bytes, a tiny response parser
 (Content-Length, chunked, close-delimited) and timestamps taken in `data_received`. For
 `text/event-stream` answers it also records when the first event arrived and the gaps between
-events. The event loop's timer has millisecond granularity, so every send is up to ~1 ms late;
+events; an event is a block with a `data` field, so a proxy's comment lines do not count. The
+event loop's timer has millisecond granularity, so every send is up to ~1 ms late;
 that is the same for every variant, and `LATE_AFTER` is set above it.
 """
 
@@ -73,6 +74,7 @@ class Sample:
     events: int = 0
     max_gap: float = 0.0
     last_event: float | None = None
+    first_read_events: int = 0  # events completed by the read that completed the first one
 
     @property
     def ok(self) -> bool:
@@ -103,6 +105,10 @@ class LoadResult:
             for s in self.samples
             if not math.isnan(s.latency) and (predicate is None or predicate(s))
         )
+
+
+def _has_data(block: bytes) -> bool:
+    return any(line == b"data" or line.startswith(b"data:") for line in block.split(b"\n"))
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -136,7 +142,7 @@ class _Conn(asyncio.Protocol):
         self.sse = False
         self.body_seen = 0
         self.chunk_left = 0  # bytes of the current chunk still to come (+2 for its CRLF)
-        self.sse_tail = b""
+        self.sse_block = b""  # the SSE block still open at the end of the last payload
 
     # asyncio callbacks --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -203,19 +209,23 @@ class _Conn(asyncio.Protocol):
                 self.keep_alive = False
 
     def _events(self, payload: bytes, now: float) -> None:
-        """Count SSE events (blank-line separated) completed in `payload`."""
-        text = self.sse_tail + payload
-        count = text.count(b"\n\n")
-        self.sse_tail = b"\n" if text.endswith(b"\n") and not text.endswith(b"\n\n") else b""
+        """Count SSE events completed in `payload`: blank-line-terminated blocks with a `data`
+        field. A comment block (`: ...`, such as the sidecar's closing outcome line) is none."""
+        blocks = (self.sse_block + payload).split(b"\n\n")
+        self.sse_block = blocks.pop()
+        count = sum(1 for block in blocks if _has_data(block))
         if not count:
             return
         s = self.sample
         assert s is not None
+        at = now - s.scheduled
         if s.first_event is None:
-            s.first_event = now - s.scheduled
+            s.first_event = at
         elif s.last_event is not None:
-            s.max_gap = max(s.max_gap, now - s.scheduled - s.last_event)
-        s.last_event = now - s.scheduled
+            s.max_gap = max(s.max_gap, at - s.last_event)
+        if at == s.first_event:  # one read can hold several chunks, each counted by a call
+            s.first_read_events += count
+        s.last_event = at
         s.events += count
 
     def _body(self, now: float) -> None:

@@ -2,7 +2,8 @@
 
 Healthy: the same request to every variant, interleaved round by round (A B C A B C), added
 latency against the direct run of the same round, the proxy's CPU milliseconds per request and
-RSS; SSE time to first event and gaps; memory with 1,000 held streams; a soak for RSS growth.
+RSS; SSE time to first event and gaps between events the model paces like a generating model;
+memory with 1,000 held streams; a soak for RSS growth.
 Failure: the model hangs, answers 503, flaps, or is overloaded; for each, what the caller saw
 (latency, status, `x-sidecar-failure-mode`) and what the model received (`/_demo/stats`).
 Every result is a plain JSON-able dict; `scripts.bench_report` turns them into tables and charts.
@@ -38,7 +39,17 @@ from scripts.bench_procs import (
     start,
 )
 
-__all__ = ["CHAT", "SSE", "Env", "Request", "Variant", "agg", "summarize", "with_fault"]
+__all__ = [
+    "CHAT",
+    "SSE",
+    "SSE_CHUNK_INTERVAL_MS",
+    "Env",
+    "Request",
+    "Variant",
+    "agg",
+    "summarize",
+    "with_fault",
+]
 
 _CHAT_BODY = {
     "model": "demo-model",
@@ -50,6 +61,13 @@ CHAT = Request("POST", "/v1/chat/completions", _JSON, json.dumps(_CHAT_BODY).enc
 SSE = Request(
     "POST", "/v1/chat/completions", _JSON, json.dumps({**_CHAT_BODY, "stream": True}).encode()
 )
+
+
+#: The SSE scenario's pacing: the demo model waits this long before each event after the first
+#: (`x-demo-fault: chunk_interval=20ms`, a model generating 50 tokens/s). Sent back to back, the
+#: events arrive in one read and the gaps say nothing; paced, the direct run's gap is the model's
+#: and the added gap (proxy minus direct, same round) is what the proxy adds to each event.
+SSE_CHUNK_INTERVAL_MS = 20
 
 
 def with_fault(request: Request, spec: str) -> Request:
@@ -396,15 +414,20 @@ def _fold(runs: dict[str, list[dict[str, Any]]], keys: Sequence[str]) -> dict[st
 async def sse(
     env: Env, keys: Sequence[str], rate: float, duration: float, rounds: int, log: Any = print
 ) -> dict[str, Any]:
-    """Streams: time to first event and the gaps between events, per round and variant."""
+    """Streams: time to first event and the gaps between events, per round and variant. The model
+    paces the events `SSE_CHUNK_INTERVAL_MS` apart; time to first event does not include it."""
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
+    paced = with_fault(SSE, f"chunk_interval={SSE_CHUNK_INTERVAL_MS}ms")
+    # A stream stays open for its 7 waits: keep a connection warm for each one open at a time,
+    # so no stream pays for a new connection in its time to first event.
+    warm = 8 + math.ceil(rate * 8 * SSE_CHUNK_INTERVAL_MS / 1000.0)
     for r in range(rounds):
         for key in keys:
             v = env.variants[key]
-            res, out = await _measured(env, v, SSE, rate, duration, warm_connections=8)
+            res, out = await _measured(env, v, paced, rate, duration, warm_connections=warm)
             good = [s for s in res.samples if s.ok and s.first_event is not None]
             ttfe = sorted(s.first_event for s in good if s.first_event is not None)
-            gaps = sorted(_mean_gap(s) for s in good if s.events > 1)
+            gaps = sorted(g for s in good if (g := _mean_gap(s)) is not None)
             max_gaps = sorted(s.max_gap for s in good)
             out["ttfe_p50"] = _ms(percentile(ttfe, 50))
             out["ttfe_p99"] = _ms(percentile(ttfe, 99))
@@ -417,12 +440,20 @@ async def sse(
                 f" gap {out['gap_mean_p50']} ms events {out['events_per_stream']}"
                 f" errors {out['errors']}"
             )
-    return _fold(runs, keys)
+    result = _fold(runs, keys)
+    result["chunk_interval_ms"] = SSE_CHUNK_INTERVAL_MS
+    return result
 
 
-def _mean_gap(s: Sample) -> float:
-    assert s.first_event is not None and s.last_event is not None
-    return (s.last_event - s.first_event) / max(1, s.events - 1)
+def _mean_gap(s: Sample) -> float | None:
+    """The mean gap between events: first read to last over the events after the first read.
+
+    Events that complete in one read share its time. When the first read carried k events, the
+    span from it to the last read covers `events - k` gaps, not `events - 1`: dividing by the
+    latter would shrink the gap. None when one read carried every event (no gap was seen)."""
+    if s.first_event is None or s.last_event is None or s.events <= s.first_read_events:
+        return None
+    return (s.last_event - s.first_event) / (s.events - s.first_read_events)
 
 
 async def open_streams(

@@ -83,10 +83,20 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _duration(text: str) -> float:
+    """An argparse type: `20ms` or `1.5s` in seconds."""
+    from sidecar.demo.faults import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _cmd_demo_model(args: argparse.Namespace) -> int:
     from sidecar.demo.server import main as demo_main
 
-    return demo_main(args.host, args.port)
+    return demo_main(args.host, args.port, chunk_interval=args.chunk_interval)
 
 
 def _cmd_reviews(args: argparse.Namespace) -> int:
@@ -145,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo-model", help="run the fault-injecting demo model server")
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=8080)
+    d.add_argument(
+        "--chunk-interval",
+        type=_duration,
+        default=0.0,
+        metavar="DURATION",
+        help="wait that long before each SSE event after the first, e.g. 20ms (default: none); "
+        "a request's chunk_interval fault overrides it",
+    )
     from sidecar.review.cli import add_reviews_parser
 
     add_reviews_parser(sub)

@@ -41,12 +41,15 @@ FAULT_NAMES: Mapping[str, str] = {
     "empty": "flag: 200 with an empty body",
     "confidence": "number 0-1: probability of the model's answer",
     "hold_after_first": "flag: after the first chunk, wait for POST /_demo/release",
+    "chunk_interval": "duration: wait that long before each SSE event after the first (pacing)",
 }
 
 _FLAGS = frozenset(
     {"hang", "reset", "reset_mid_stream", "malformed_json", "empty", "hold_after_first"}
 )
-_DURATIONS = frozenset({"latency", "first_byte_delay", "stall_mid_stream", "retry_after"})
+_DURATIONS = frozenset(
+    {"latency", "first_byte_delay", "stall_mid_stream", "retry_after", "chunk_interval"}
+)
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s)$")
 
 
@@ -91,6 +94,7 @@ class FaultSpec:
     empty: bool = False
     confidence: float | None = None
     hold_after_first: bool = False
+    chunk_interval: float | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -108,7 +112,8 @@ class FaultSpec:
 
     def combine(self, other: FaultSpec) -> FaultSpec:
         """Stack two specs: delays add up, flags are or-ed, and for single values (`status`,
-        `retry_after`, `confidence`) `self` wins when it sets them."""
+        `retry_after`, `confidence`, `chunk_interval`) `self` wins when it sets them. A pacing
+        is a rate, not a delay: two of them do not add up."""
         return FaultSpec(
             latency=self.latency + other.latency,
             hang=self.hang or other.hang,
@@ -122,6 +127,9 @@ class FaultSpec:
             empty=self.empty or other.empty,
             confidence=self.confidence if self.confidence is not None else other.confidence,
             hold_after_first=self.hold_after_first or other.hold_after_first,
+            chunk_interval=(
+                self.chunk_interval if self.chunk_interval is not None else other.chunk_interval
+            ),
         )
 
     def __str__(self) -> str:

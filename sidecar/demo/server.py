@@ -9,7 +9,9 @@ Faults come from the `x-demo-fault: SPEC` request header and from global faults 
 (health checks included) except `/_demo/*`, the control plane, which is never faulted and never
 counted in `/_demo/stats`. Before the response: latency, hang, reset, status, empty,
 malformed_json. After the headers: first_byte_delay. After the first chunk (an SSE event, or the
-first half of any other body): reset_mid_stream, stall_mid_stream, hold_after_first.
+first half of any other body): reset_mid_stream, stall_mid_stream, hold_after_first. Before each
+SSE event after the first: chunk_interval, the pacing of a model generating tokens; the server-wide
+default (`--chunk-interval`) applies when no fault sets it, and is not counted as a fault.
 
 `main(host, port)` runs it until SIGINT/SIGTERM (`sidecar demo-model`); `create_app()` builds the
 same app for in-process use. All state lives in the app (`web.AppKey`s).
@@ -62,6 +64,7 @@ _MALFORMED_JSON = b'{"id": "demo-malformed", "choices": [{"text": "cut off here'
 _JSON = "application/json"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Sleep = Callable[[float], Awaitable[None]]
 
 
 @dataclass
@@ -144,6 +147,8 @@ SCHEDULE = web.AppKey("demo_schedule", FaultSchedule)
 STATS = web.AppKey("demo_stats", Stats)
 GATE = web.AppKey("demo_gate", HoldGate)
 SHUTDOWN = web.AppKey("demo_shutdown", asyncio.Event)
+SLEEP: web.AppKey[Sleep] = web.AppKey("demo_sleep")
+CHUNK_INTERVAL = web.AppKey("demo_chunk_interval", float)
 FAULT = web.RequestKey("demo_fault", FaultSpec)
 
 
@@ -200,7 +205,7 @@ async def _after_first_chunk(request: web.Request, fault: FaultSpec) -> bool:
         _reset(request, hard=False)
         return False
     if fault.stall_mid_stream > 0:
-        await asyncio.sleep(fault.stall_mid_stream)
+        await request.app[SLEEP](fault.stall_mid_stream)
     if fault.hold_after_first:
         await request.app[GATE].wait()
     return True
@@ -223,7 +228,7 @@ async def _send(
     resp.content_length = len(body)
     await resp.prepare(request)  # a StreamResponse sends its headers at once
     if fault.first_byte_delay > 0:
-        await asyncio.sleep(fault.first_byte_delay)
+        await request.app[SLEEP](fault.first_byte_delay)
     cut = max(1, len(body) // 2)
     await resp.write(body[:cut])
     if not await _after_first_chunk(request, fault):
@@ -234,18 +239,29 @@ async def _send(
 
 
 async def _send_sse(request: web.Request, events: Sequence[object]) -> web.StreamResponse:
-    """Send `data: {json}` events then `data: [DONE]`; mid-body faults act after the first."""
+    """Send `data: {json}` events then `data: [DONE]`; mid-body faults act after the first.
+
+    Every event after the first, `[DONE]` included, waits `chunk_interval` before it is written:
+    a wait after the previous write, not a fixed timetable, so no two events leave closer together
+    than the interval (the tests rely on that lower bound)."""
     fault = request.get(FAULT, FaultSpec())
+    sleep = request.app[SLEEP]
+    interval = fault.chunk_interval
+    if interval is None:
+        interval = request.app[CHUNK_INTERVAL]
     resp = web.StreamResponse(status=200, headers={"Cache-Control": "no-cache"})
     resp.content_type = "text/event-stream"
     await resp.prepare(request)
     if fault.first_byte_delay > 0:
-        await asyncio.sleep(fault.first_byte_delay)
-    for index, event in enumerate(events):
-        await resp.write(b"data: " + _dumps(event) + b"\n\n")
+        await sleep(fault.first_byte_delay)
+    payloads = [b"data: " + _dumps(event) + b"\n\n" for event in events]
+    payloads.append(b"data: [DONE]\n\n")
+    for index, payload in enumerate(payloads):
+        if index > 0 and interval > 0:
+            await sleep(interval)
+        await resp.write(payload)
         if index == 0 and not await _after_first_chunk(request, fault):
             return resp
-    await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp
 
@@ -291,7 +307,7 @@ async def _apply_faults(
 ) -> web.StreamResponse:
     """Faults before the response, in order: latency, hang, reset, status, empty, malformed."""
     if fault.latency > 0:
-        await asyncio.sleep(fault.latency)
+        await request.app[SLEEP](fault.latency)
     if fault.hang:
         await request.app[SHUTDOWN].wait()  # or the client leaves and cancels this handler
         _reset(request, hard=True)
@@ -671,13 +687,23 @@ async def _on_shutdown(app: web.Application) -> None:
 
 
 def create_app(
-    *, clock: Callable[[], float] | None = None, rng: random.Random | None = None
+    *,
+    clock: Callable[[], float] | None = None,
+    rng: random.Random | None = None,
+    sleep: Sleep | None = None,
+    chunk_interval: float = 0.0,
 ) -> web.Application:
-    """The demo model app. `clock` (monotonic seconds) and `rng` drive the global fault schedule.
+    """The demo model app. `clock` (monotonic seconds) and `rng` drive the global fault schedule;
+    `sleep` makes every fault's wait (latency, first_byte_delay, stall_mid_stream,
+    chunk_interval); `chunk_interval` (seconds) paces SSE events when no fault sets it.
 
     Run it with `handler_cancellation=True` so a client that goes away ends a hung request."""
+    if not (chunk_interval >= 0 and math.isfinite(chunk_interval)):
+        raise ValueError(f"chunk_interval must be a number of seconds >= 0, not {chunk_interval}")
     app = web.Application(middlewares=[_demo_middleware], client_max_size=16 * 1024 * 1024)
     app[SCHEDULE] = FaultSchedule(now=clock or time.monotonic, rng=rng or random.Random())
+    app[SLEEP] = sleep or asyncio.sleep
+    app[CHUNK_INTERVAL] = chunk_interval
     app[STATS] = Stats()
     app[GATE] = HoldGate()
     app[SHUTDOWN] = asyncio.Event()
@@ -713,10 +739,13 @@ def _format_address(sockname: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def _serve(host: str, port: int) -> None:
+async def _serve(host: str, port: int, chunk_interval: float) -> None:
     log = structlog.get_logger("sidecar.demo")
     runner = web.AppRunner(
-        create_app(), handler_cancellation=True, access_log=None, shutdown_timeout=2.0
+        create_app(chunk_interval=chunk_interval),
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=2.0,
     )
     await runner.setup()
     try:
@@ -732,10 +761,11 @@ async def _serve(host: str, port: int) -> None:
         await runner.cleanup()
 
 
-def main(host: str, port: int) -> int:
-    """Run the demo model on `host:port` (0 picks a free port) until SIGINT or SIGTERM."""
+def main(host: str, port: int, *, chunk_interval: float = 0.0) -> int:
+    """Run the demo model on `host:port` (0 picks a free port) until SIGINT or SIGTERM, pacing
+    SSE events `chunk_interval` seconds apart unless a request's faults say otherwise."""
     try:
-        asyncio.run(_serve(host, port))
+        asyncio.run(_serve(host, port, chunk_interval))
     except KeyboardInterrupt:  # a second Ctrl-C before the handlers were installed
         return 0
     except OSError as exc:

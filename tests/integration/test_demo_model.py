@@ -2,12 +2,14 @@
 
 Each fault's observable effect, the global fault schedule, stats, the OpenAI and KServe V2 formats
 and the proxy-test helpers. One server serves the module; every test starts from a clean slate
-(no global faults, no held streams, zeroed stats).
+(no global faults, no held streams, zeroed stats). SSE pacing's exact schedule is checked on the
+app served in-process with a fake clock; the real process only shows its lower bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import json
@@ -20,7 +22,11 @@ from typing import Any
 import aiohttp
 import pytest
 import yarl
+from aiohttp import web
 
+from sidecar.cli import build_parser
+from sidecar.clock import FakeClock
+from sidecar.demo.server import create_app
 from tests.support.processes import RunningProcess, sidecar_cmd, start_process
 
 CUT = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)
@@ -363,6 +369,165 @@ async def test_hold_after_first_waits_for_release(http: aiohttp.ClientSession) -
             assert (await rel.json())["released"] == 1
         events = await asyncio.wait_for(rest, 5)
     assert events[-1] == "[DONE]"
+
+
+# --- pacing: chunk_interval --------------------------------------------------------------------
+
+
+def chat_events_in_order(events: list[str]) -> None:
+    """Six tokens, the finish chunk, then `[DONE]`: the whole answer, nothing lost or reordered."""
+    assert len(events) == 8
+    chunks = [json.loads(e)["choices"][0] for e in events[:7]]
+    assert "".join(c["delta"].get("content", "") for c in chunks) == ANSWER
+    assert [c["finish_reason"] for c in chunks] == [None] * 6 + ["stop"]
+    assert events[7] == "[DONE]"
+
+
+async def test_chunk_interval_spaces_the_events(http: aiohttp.ClientSession) -> None:
+    headers = fault("chunk_interval=50ms")
+    start = time.monotonic()
+    async with http.post("/v1/chat/completions", json={"stream": True}, headers=headers) as resp:
+        assert resp.status == 200
+        assert resp.content_type == "text/event-stream"
+        events = await read_events(resp)
+    # The server waits 50 ms before each of the 7 events after the first; a lower bound only.
+    assert time.monotonic() - start >= 7 * 0.05 - 1e-6
+    chat_events_in_order(events)
+
+
+async def test_chunk_interval_flag_paces_every_stream_without_counting_a_fault() -> None:
+    rp = start_process(sidecar_cmd("demo-model", "--port", "0", "--chunk-interval", "50ms"))
+    try:
+        base = f"http://{rp.ready['address']}"
+        async with aiohttp.ClientSession(base, timeout=aiohttp.ClientTimeout(total=10)) as http:
+            start = time.monotonic()
+            async with http.post("/v1/completions", json={"stream": True}) as resp:
+                events = await read_events(resp)
+            assert time.monotonic() - start >= 7 * 0.05 - 1e-6
+            assert len(events) == 8 and events[-1] == "[DONE]"
+            stats = await get_json(http, "/_demo/stats")
+        assert (stats["requests"], stats["faulted"]) == (1, 0)
+    finally:
+        rp.stop()
+
+
+def test_chunk_interval_flag_needs_a_unit(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["demo-model", "--chunk-interval", "1.5s"])
+    assert args.chunk_interval == 1.5
+    assert build_parser().parse_args(["demo-model"]).chunk_interval == 0.0
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["demo-model", "--chunk-interval", "20"])
+    assert info.value.code == 2
+    assert "is not a duration" in capsys.readouterr().err
+
+
+@contextlib.asynccontextmanager
+async def serve_in_process(app: web.Application) -> AsyncIterator[aiohttp.ClientSession]:
+    """`app` on a free loopback port, with a client session for it."""
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        host, port = runner.addresses[0][:2]
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(f"http://{host}:{port}", timeout=timeout) as http:
+            yield http
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def paced() -> AsyncIterator[tuple[FakeClock, aiohttp.ClientSession]]:
+    """The demo app with `chunk_interval=50ms` and a fake clock: its waits are recorded in
+    `clock.sleeps` and take no time."""
+    clock = FakeClock()
+    async with serve_in_process(create_app(sleep=clock.sleep, chunk_interval=0.05)) as http:
+        yield clock, http
+
+
+async def _stream(http: aiohttp.ClientSession, clock: FakeClock, **kw: Any) -> None:
+    """Read one whole chat stream, the recorded waits cleared first."""
+    clock.sleeps.clear()
+    async with http.post("/v1/chat/completions", json={"stream": True}, **kw) as resp:
+        assert resp.status == 200
+        chat_events_in_order(await read_events(resp))
+
+
+class GatedSleep:
+    """A sleep that hands each call to the test and returns only when the test wakes it."""
+
+    def __init__(self) -> None:
+        self.calls: asyncio.Queue[tuple[float, asyncio.Future[None]]] = asyncio.Queue()
+
+    async def __call__(self, seconds: float) -> None:
+        wake = asyncio.get_running_loop().create_future()
+        await self.calls.put((seconds, wake))
+        await wake
+
+
+async def test_each_event_after_the_first_waits_for_its_own_interval() -> None:
+    # Lockstep: while the server sits in its k-th wait, event k has not come; once woken, it
+    # does. Waiting 7 times and then sending a burst never delivers event 1 (wait_for fails);
+    # sending a burst and then waiting shows event k early (the short look can only miss that,
+    # never fail a server that paces).
+    gate = GatedSleep()
+    async with serve_in_process(create_app(sleep=gate, chunk_interval=0.05)) as http:
+        body = {"stream": True}
+        async with http.post("/v1/chat/completions", json=body) as resp:
+            events = [await asyncio.wait_for(read_event(resp), 5)]
+            for k in range(1, 8):
+                seconds, wake = await asyncio.wait_for(gate.calls.get(), 5)
+                assert seconds == 0.05
+                nxt = asyncio.create_task(read_event(resp))
+                done, _ = await asyncio.wait({nxt}, timeout=0.05)
+                assert not done, f"event {k} came while the server was still waiting"
+                wake.set_result(None)
+                events.append(await asyncio.wait_for(nxt, 5))
+            assert await resp.content.read() == b""
+        assert gate.calls.empty()
+    chat_events_in_order(events)
+
+
+async def test_default_pacing_waits_before_each_event_after_the_first(
+    paced: tuple[FakeClock, aiohttp.ClientSession],
+) -> None:
+    clock, http = paced
+    await _stream(http, clock)
+    assert clock.sleeps == [0.05] * 7
+    clock.sleeps.clear()
+    async with http.post("/v1/completions", json={"stream": True}) as resp:
+        assert len(await read_events(resp)) == 8
+    assert clock.sleeps == [0.05] * 7
+    clock.sleeps.clear()
+    async with http.post("/v1/chat/completions", json={}) as resp:  # JSON: nothing to pace
+        assert (await resp.json())["choices"][0]["message"]["content"] == ANSWER
+    assert clock.sleeps == []
+    assert (await get_json(http, "/_demo/stats"))["faulted"] == 0
+
+
+async def test_a_fault_overrides_the_default_pacing_header_first(
+    paced: tuple[FakeClock, aiohttp.ClientSession],
+) -> None:
+    clock, http = paced
+    await _stream(http, clock, headers=fault("chunk_interval=20ms"))
+    assert clock.sleeps == [0.02] * 7
+    await _stream(http, clock, headers=fault("chunk_interval=0ms"))
+    assert clock.sleeps == []
+    await add_fault(http, spec="chunk_interval=10ms", count=2)
+    await _stream(http, clock)
+    assert clock.sleeps == [0.01] * 7
+    await _stream(http, clock, headers=fault("chunk_interval=30ms"))
+    assert clock.sleeps == [0.03] * 7
+    await _stream(http, clock)  # the global fault is used up: the default again
+    assert clock.sleeps == [0.05] * 7
+
+
+async def test_pacing_comes_after_the_first_event_faults(
+    paced: tuple[FakeClock, aiohttp.ClientSession],
+) -> None:
+    clock, http = paced
+    await _stream(http, clock, headers=fault("first_byte_delay=1s,stall_mid_stream=2s"))
+    assert clock.sleeps == [1.0, 2.0] + [0.05] * 7
 
 
 # --- global faults -----------------------------------------------------------------------------

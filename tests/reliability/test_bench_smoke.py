@@ -15,8 +15,17 @@ import aiohttp
 import pytest
 
 from scripts import bench_report
-from scripts.bench_load import Request, percentile, run_open_loop
-from scripts.bench_scenarios import CHAT, SSE, _fold, agg, summarize, with_fault
+from scripts.bench_load import Client, Request, Sample, _Conn, percentile, run_open_loop
+from scripts.bench_scenarios import (
+    CHAT,
+    SSE,
+    SSE_CHUNK_INTERVAL_MS,
+    _fold,
+    _mean_gap,
+    agg,
+    summarize,
+    with_fault,
+)
 
 
 def _hostport(url: str) -> tuple[str, int]:
@@ -66,6 +75,54 @@ async def test_streams_report_first_event_and_every_event(model_url: str) -> Non
         assert s.ok
         assert s.events == 8  # six tokens, the finish chunk, [DONE]
         assert s.first_event is not None and 0 < s.first_event <= s.latency
+
+
+@pytest.mark.timeout(60)
+async def test_paced_streams_take_their_intervals(model_url: str) -> None:
+    interval = SSE_CHUNK_INTERVAL_MS / 1000.0
+    paced = with_fault(SSE, f"chunk_interval={SSE_CHUNK_INTERVAL_MS}ms")
+    res = await run_open_loop(*_hostport(model_url), paced, rate=20, duration=0.5)
+    assert len(res.samples) == 10
+    for s in res.samples:
+        assert s.ok and s.events == 8
+        assert s.first_event is not None and s.last_event is not None
+        # The model waited 7 intervals after the first event, all after the scheduled send.
+        assert s.last_event >= 7 * interval - 1e-6
+        assert s.first_event <= s.last_event <= s.latency
+
+
+def _read(conn: _Conn, payload: bytes, at: float) -> None:
+    assert conn.sample is not None
+    conn._events(payload, conn.sample.scheduled + at)
+
+
+def test_mean_gap_counts_only_the_gaps_the_reads_spanned() -> None:
+    event = b"data: {}\n\n"
+    conn = _Conn(Client("127.0.0.1", 1))
+    conn.sample = Sample(scheduled=100.0)
+    _read(conn, event, 0.005)  # a late first read holds events 0 and 1, as two chunks
+    _read(conn, event, 0.005)
+    for k in range(2, 8):
+        _read(conn, event, 0.005 + (k - 1) * 0.02)
+    s = conn.sample
+    assert (s.events, s.first_read_events) == (8, 2)
+    gap = _mean_gap(s)
+    assert gap is not None and gap == pytest.approx(0.02)  # not 6 gaps spread over 7
+    assert s.max_gap == pytest.approx(0.02)
+
+    conn.sample = Sample(scheduled=100.0)
+    _read(conn, event * 8, 0.005)  # back to back: one read, no gap seen
+    assert conn.sample.events == 8 and _mean_gap(conn.sample) is None
+
+
+def test_only_blocks_with_data_are_events() -> None:
+    conn = _Conn(Client("127.0.0.1", 1))
+    conn.sample = Sample(scheduled=100.0)
+    _read(conn, b": keep-alive\n\ndata: {}\n", 0.01)  # a comment, then half an event
+    assert conn.sample.events == 0 and conn.sample.first_event is None
+    _read(conn, b"\ndata: [DONE]\n\n: sidecar-outcome ok confidence=0.95\n\n", 0.03)
+    assert conn.sample.events == 2
+    assert conn.sample.first_event == pytest.approx(0.03)
 
 
 @pytest.mark.timeout(60)

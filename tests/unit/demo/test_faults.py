@@ -39,7 +39,8 @@ def test_format_duration_round_trips() -> None:
 def test_parse_every_fault() -> None:
     spec = parse_spec(
         "latency=300ms, hang,status=503,retry_after=1s,reset,first_byte_delay=1s,reset_mid_stream,"
-        "stall_mid_stream=2s,malformed_json,empty,confidence=0.42,hold_after_first"
+        "stall_mid_stream=2s,malformed_json,empty,confidence=0.42,hold_after_first,"
+        "chunk_interval=20ms"
     )
     assert spec == FaultSpec(
         latency=0.3,
@@ -54,6 +55,7 @@ def test_parse_every_fault() -> None:
         empty=True,
         confidence=0.42,
         hold_after_first=True,
+        chunk_interval=0.02,
     )
 
 
@@ -78,6 +80,8 @@ def test_empty_spec_is_no_fault() -> None:
         ("confidence=high", "confidence=high"),
         ("reset=1", "reset=1"),
         ("status=503,status=500", "status=500"),
+        ("chunk_interval=20", "chunk_interval=20"),
+        ("chunk_interval", "chunk_interval"),
     ],
 )
 def test_bad_specs_name_the_item(text: str, item: str) -> None:
@@ -98,8 +102,26 @@ def test_str_is_the_canonical_spec() -> None:
     assert str(FaultSpec()) == ""
 
 
+def test_chunk_interval_round_trips_and_zero_is_set() -> None:
+    assert str(parse_spec("chunk_interval=20ms")) == "chunk_interval=20ms"
+    off = parse_spec("chunk_interval=0ms")
+    assert off.chunk_interval == 0.0  # set to none, which overrides a server-wide pacing
+    assert not off.is_empty
+    assert parse_spec(str(off)) == off
+    assert FaultSpec().chunk_interval is None
+
+
+def test_chunk_interval_is_a_rate_the_first_one_wins() -> None:
+    header = parse_spec("chunk_interval=20ms")
+    scheduled = parse_spec("chunk_interval=50ms,latency=100ms")
+    assert header.combine(scheduled).chunk_interval == 0.02
+    assert FaultSpec().combine(scheduled).chunk_interval == 0.05
+    assert parse_spec("chunk_interval=0ms").combine(scheduled).chunk_interval == 0.0
+
+
 def test_mid_body_faults() -> None:
     assert not parse_spec("latency=1s,status=503").mid_body
+    assert not parse_spec("chunk_interval=20ms").mid_body  # SSE only: a JSON body stays whole
     for text in (
         "first_byte_delay=1s",
         "reset_mid_stream",
