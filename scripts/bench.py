@@ -1,14 +1,15 @@
 """The benchmark: what the sidecar costs when the model is healthy and what it keeps when it fails.
 
-    python -m scripts.bench --quick      # make bench-quick: ~1 minute, 200 rps, 3 variants
+    python -m scripts.bench --quick      # make bench-quick: ~1 minute, 200 rps, 4 variants
     python -m scripts.bench              # make bench: every scenario, HAProxy, a 10-minute soak
     python -m scripts.bench --no-soak    # the same without the soak
 
-It starts the demo model, a loopback OTLP receiver, HAProxy (full run) and the sidecar variants
-(`scripts.bench_policies`), each in its own process group and pinned to a core, drives them with
-the open-loop generator (`scripts.bench_load`), and writes `docs/benchmarks.md` (its own section:
-a quick run keeps the full run's section and the other way round) and PNG charts under `docs/`.
-It reports; it asserts nothing about speed. All traffic stays on 127.0.0.1.
+It starts the demo model, a loopback OTLP receiver, HAProxy (full run), a minimal aiohttp proxy
+(`scripts.bench_floor`, the floor) and the sidecar variants (`scripts.bench_policies`), each in its
+own process group and pinned to a core, drives them with the open-loop generator
+(`scripts.bench_load`), and writes `docs/benchmarks.md` (its own section: a quick run keeps the
+full run's section and the other way round) and PNG charts under `docs/`. It reports; it asserts
+nothing about speed. All traffic stays on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -45,9 +46,16 @@ def _log(message: str) -> None:
 
 
 def _versions() -> dict[str, str]:
+    from importlib import metadata
+
     import aiohttp
 
     out = {"python": platform.python_version(), "aiohttp": aiohttp.__version__}
+    # The sidecar and the floor proxy run on uvloop when it is installed (`SIDECAR_EVENT_LOOP`).
+    try:
+        out["uvloop"] = metadata.version("uvloop")
+    except metadata.PackageNotFoundError:
+        out["uvloop"] = "not installed (asyncio event loop)"
     out["haproxy"] = haproxy_version()
     with contextlib.suppress(Exception):
         from importlib.metadata import version
@@ -218,19 +226,27 @@ async def _run(args: argparse.Namespace, cores: Cores) -> dict[str, Any]:
     env = sc.Env(work, cores, haproxy=not quick, extra_sidecars=not quick)
     t_start = time.monotonic()
     try:
-        _log("starting the demo model, OTLP receiver, sidecars" + ("" if quick else ", HAProxy"))
+        _log(
+            "starting the demo model, OTLP receiver, floor proxy, sidecars"
+            + ("" if quick else ", HAProxy")
+        )
         await env.setup()
         results["policies"] = {k: v.read_text() for k, v in env.policies.files.items()}
         results["dropped"] = env.policies.dropped
         results["idle_rss_mb"] = {k: round(v / 2**20, 1) for k, v in env.idle_rss.items()}
-        base = ["direct", "haproxy", "passthrough", "all"]
-        base = [k for k in base if k in env.variants]
+
+        def present(*keys: str) -> list[str]:
+            return [k for k in keys if k in env.variants]
+
+        base = present("direct", "haproxy", "passthrough", "all")
+        # The floor proxy only in the healthy runs at 200 rps: next to the CPU target.
+        at_200 = present("direct", "haproxy", "floor", "passthrough", "all")
         if quick:
-            _log("healthy, 200 rps: direct, pass-through, all features")
+            _log(f"healthy, 200 rps: {', '.join(at_200)}")
             results["healthy"] = {
                 "200": await sc.healthy(
                     env,
-                    ["direct", "passthrough", "all"],
+                    at_200,
                     200,
                     args.duration or 4.0,
                     rounds,
@@ -246,7 +262,7 @@ async def _run(args: argparse.Namespace, cores: Cores) -> dict[str, Any]:
             if on("healthy"):
                 results["healthy"] = {}
                 for rate, keys, duration in (
-                    (200, [*base, "all_notrace", "all_trace100"], 5.0),
+                    (200, [*at_200, *present("all_notrace", "all_trace100")], 5.0),
                     (50, base, 6.0),
                     (500, base, 5.0),
                 ):

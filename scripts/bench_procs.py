@@ -63,7 +63,7 @@ class Cores:
             return "not pinned (fewer than 2 cores available)"
         return (
             f"generator, demo model and OTLP receiver on CPU {min(self.load)}; "
-            f"the proxy under test (sidecar or HAProxy) on CPU {min(self.proxy)}"
+            f"the proxy under test (sidecar, HAProxy or the floor proxy) on CPU {min(self.proxy)}"
         )
 
 

@@ -18,6 +18,7 @@ __all__ = ["headline", "targets", "write"]
 LABELS = {
     "direct": "direct to the model",
     "haproxy": "HAProxy",
+    "floor": "minimal aiohttp proxy (floor)",
     "passthrough": "sidecar, pass-through",
     "all": "sidecar, all features",
     "all_notrace": "sidecar, all features, no trace export",
@@ -30,7 +31,9 @@ HEADER = """\
 # Benchmarks
 
 What the sidecar costs when the model is healthy, and what it keeps when the model fails, side by
-side with the model called directly and with HAProxy (the reference proxy). Written by
+side with the model called directly, with HAProxy (the reference proxy) and, in the healthy runs at
+200 requests/s, with a minimal aiohttp reverse proxy (`scripts/bench_floor.py`, the floor: what any
+aiohttp-based proxy costs here before doing anything of its own). Written by
 `make bench` (every scenario, ~20 minutes) and `make bench-quick` (the CI smoke run, about a
 minute); each run rewrites only its own section below. The harness is `scripts/bench.py`.
 
@@ -271,8 +274,53 @@ def _targets_section(r: dict[str, Any]) -> str:
     return _table(("target (issue 12)", "measured", "status"), rows) + _context(r)
 
 
+def _floor_context(s: dict[str, Any], cpu_all: float | None, cpu_pt: float | None) -> str:
+    """What any aiohttp-based proxy costs here (the floor proxy in the same run), and how much of
+    the sidecar's cost is its own work above it."""
+    floor = s.get("floor", {})
+    cpu = _med(floor.get("cpu_ms"))
+    if cpu is None:
+        return ""
+    if floor.get("n") and floor.get("errors", 0) > 0.01 * floor["n"]:
+        return (
+            f"The minimal aiohttp proxy (floor) failed {floor['errors']} of its {floor['n']} "
+            "requests at 200 requests/s, so its CPU figure is left out of this comparison."
+        )
+    target = 0.33
+    out = (
+        f"A bare aiohttp reverse proxy with no features (`scripts/bench_floor.py`: read the "
+        f"request, forward it over a pooled keep-alive connection, stream the answer back) costs "
+        f"{cpu:.3f} CPU-ms per request here"
+    )
+    if cpu > target:
+        out += (
+            f", {cpu / target:.1f}× the {target} CPU-ms target: the target is below what any "
+            "aiohttp-based Python proxy reaches on this machine."
+        )
+    else:
+        out += f", within the {target} CPU-ms target."
+    above = []
+    if cpu_all is not None:
+        above.append(
+            f"{cpu_all - cpu:.3f} CPU-ms per request with every feature on "
+            f"({(cpu_all - cpu) / cpu_all * 100:.0f}% of its {cpu_all:.3f})"
+        )
+    if cpu_pt is not None:
+        above.append(
+            f"{cpu_pt - cpu:.3f} as a pass-through "
+            f"({(cpu_pt - cpu) / cpu_pt * 100:.0f}% of its {cpu_pt:.3f})"
+        )
+    if above:
+        out += (
+            " The sidecar's cost above that floor is its own work (telemetry, the strategies, "
+            "header hygiene): " + " and ".join(above) + "."
+        )
+    return out
+
+
 def _context(r: dict[str, Any]) -> str:
-    """What the CPU figures mean on this machine, from HAProxy's own cost in the same run."""
+    """What the CPU figures mean on this machine, from HAProxy's and the floor proxy's own cost
+    in the same run."""
     s = r.get("healthy", {}).get("200", {}).get("summary", {})
     hap = _med(s.get("haproxy", {}).get("cpu_ms"))
     cpu_all = _med(s.get("all", {}).get("cpu_ms"))
@@ -297,6 +345,8 @@ def _context(r: dict[str, Any]) -> str:
             + (f" and {cpu_pt / hap:.0f}× as a pass-through" if cpu_pt else "")
             + "."
         )
+    if floor := _floor_context(s, cpu_all, cpu_pt):
+        lines.append(floor)
     rounds = r.get("healthy", {}).get("200", {}).get("rounds", {}).get("all", [])
     others = _med(
         s.get("all", {}).get("proxy_core_others")
@@ -375,7 +425,7 @@ def _memory_section(r: dict[str, Any]) -> str:
     ).get("summary", {})
     rate = "500" if r.get("healthy", {}).get("500") else "200"
     rows = []
-    for key in ("haproxy", "passthrough", "all", "all_notrace", "all_trace100"):
+    for key in ("haproxy", "floor", "passthrough", "all", "all_notrace", "all_trace100"):
         if key not in idle:
             continue
         st = streams.get(key, {})

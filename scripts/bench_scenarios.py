@@ -135,6 +135,7 @@ class Variant:
 LABELS = {
     "direct": "direct to the model",
     "haproxy": "HAProxy",
+    "floor": "minimal aiohttp proxy (floor)",
     "passthrough": "sidecar, pass-through",
     "all": "sidecar, all features",
     "all_notrace": "sidecar, all features, no trace export",
@@ -144,7 +145,7 @@ LABELS = {
 
 
 class Env:
-    """The demo model, OTLP receiver, HAProxy and sidecars of one benchmark run."""
+    """The demo model, OTLP receiver, HAProxy, the floor proxy and sidecars of one benchmark run."""
 
     def __init__(self, work: Path, cores: Cores, *, haproxy: bool, extra_sidecars: bool) -> None:
         self.work = work
@@ -233,14 +234,38 @@ class Env:
                 starts.append(
                     asyncio.to_thread(self.start_sidecar, key, self.policies.files["all"])
                 )
-        for variant in await asyncio.gather(*starts):
+        floor, sidecars = await asyncio.gather(
+            asyncio.to_thread(self._start_floor, model_url), asyncio.gather(*starts)
+        )
+        for variant in sidecars:
             self.variants[variant.key] = variant
+        if floor is not None:
+            self.variants["floor"] = floor
         if self.want_haproxy:
             await asyncio.to_thread(self._start_haproxy)
         await asyncio.sleep(1.0)  # let every process finish its start-up work before idle RSS
         for key, variant in self.variants.items():
             if variant.proc is not None:
                 self.idle_rss[key] = variant.proc.stats().rss
+
+    def _start_floor(self, model_url: str) -> Variant | None:
+        """The minimal aiohttp reverse proxy (`scripts.bench_floor`): what any aiohttp-based
+        proxy costs here before doing anything of its own. Optional, like HAProxy."""
+        try:
+            proc = self._start(
+                "floor",
+                python_cmd("scripts.bench_floor", "--upstream", model_url, "--port", "0"),
+                cores=self.cores.proxy,
+            )
+        except (OSError, RuntimeError, TimeoutError) as exc:
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            why = " … ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else repr(exc)
+            self.notes.append(
+                f"The minimal aiohttp proxy (floor) did not start, so its variant is missing: {why}"
+            )
+            return None
+        host, port = proc.address("proxy")
+        return Variant("floor", LABELS["floor"], host, port, proc)
 
     def _start_haproxy(self) -> None:
         exe = shutil.which("haproxy")
