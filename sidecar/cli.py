@@ -51,12 +51,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 2
-    settings = RunSettings.with_env(
-        Path(policy_path),
-        overrides,
-        allow_pure_python_parser=args.allow_pure_python_parser
-        or env.get("SIDECAR_ALLOW_PURE_PYTHON_PARSER") == "1",
-    )
+    try:
+        settings = RunSettings.with_env(
+            Path(policy_path),
+            overrides,
+            allow_pure_python_parser=args.allow_pure_python_parser
+            or env.get("SIDECAR_ALLOW_PURE_PYTHON_PARSER") == "1",
+        )
+    except ValueError as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return 2
     return run(settings)
 
 

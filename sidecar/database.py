@@ -21,13 +21,16 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
-from psycopg import AsyncConnection
-from psycopg.conninfo import conninfo_to_dict
-from psycopg.rows import DictRow, dict_row
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+if TYPE_CHECKING:
+    # psycopg (with its bundled libpq) is loaded only when a PostgreSQL store is used: the
+    # review settings import the URL helpers below on every start (idle memory).
+    from psycopg import AsyncConnection
+    from psycopg.rows import DictRow
+    from psycopg_pool import AsyncConnectionPool
+
+    Connection = AsyncConnection[DictRow]
 
 __all__ = [
     "SCHEMA_PATTERN",
@@ -51,8 +54,6 @@ CREATE TABLE IF NOT EXISTS sidecar_migrations (
 )
 """
 
-Connection = AsyncConnection[DictRow]
-
 
 class DatabaseError(Exception):
     """The database failed or could not be reached; nothing was stored."""
@@ -73,6 +74,9 @@ def is_postgres_url(url: str) -> bool:
 
 def display_url(url: str) -> str:
     """`postgresql://user@host:port/db` for messages and logs: never the password."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
     try:
         info = conninfo_to_dict(url)
     except psycopg.ProgrammingError:
@@ -117,6 +121,8 @@ class Database:
         self._closed = False
 
     def _kwargs(self) -> dict[str, Any]:
+        from psycopg.rows import dict_row
+
         kwargs: dict[str, Any] = {
             "autocommit": True,
             "row_factory": dict_row,
@@ -135,6 +141,10 @@ class Database:
             if self._closed:
                 raise DatabaseError(f"{self.display}: the pool is closed")
             if self._pool is None:
+                from psycopg import AsyncConnection
+                from psycopg.rows import DictRow
+                from psycopg_pool import AsyncConnectionPool
+
                 pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
                     self.url,
                     connection_class=AsyncConnection[DictRow],
@@ -155,6 +165,9 @@ class Database:
 
     async def _why_unreachable(self) -> str:
         """The pool only says it timed out; one direct attempt tells what libpq says."""
+        import psycopg
+        from psycopg import AsyncConnection
+
         try:
             conn = await AsyncConnection.connect(self.url, **self._kwargs())
         except psycopg.Error as exc:
@@ -166,6 +179,9 @@ class Database:
     async def connection(self) -> AsyncIterator[Connection]:
         """A pooled connection in autocommit mode; use `conn.transaction()` for atomic work.
         Every psycopg or pool failure leaves as `DatabaseError`."""
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
         try:
             pool = await self._open()
             async with pool.connection() as conn:

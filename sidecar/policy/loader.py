@@ -240,13 +240,13 @@ def load_policy(path: str | Path, overrides: Overrides | None = None) -> LoadedP
 def _file_issues(policy: Policy, base_dir: Path) -> list[str]:
     """Files a policy names (JSON Schemas) must exist and parse, so `sidecar validate` catches
     them rather than the first request."""
-    import jsonschema
-
     issues = []
     for i, route in enumerate(policy.routes):
         v = route.validate_
         if v is None or v.json_schema is None:
             continue
+        import jsonschema  # only when a route names a schema (idle memory)
+
         where = f"routes[{i}].validate.json_schema"
         full = (
             Path(v.json_schema) if Path(v.json_schema).is_absolute() else base_dir / v.json_schema

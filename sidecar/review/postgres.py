@@ -21,12 +21,12 @@ from __future__ import annotations
 import contextlib
 import secrets
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from psycopg.types.json import Jsonb
 
 from sidecar.clock import Clock, MonotonicClock
-from sidecar.database import Connection, Database, DatabaseError, Migration
+from sidecar.database import Database, DatabaseError, Migration
 from sidecar.review.cursor import decode_cursor, encode_cursor
 from sidecar.review.events import CREATED, RESOLVED, event_body, new_event_id
 from sidecar.review.store import (
@@ -43,6 +43,9 @@ from sidecar.review.store import (
     ReviewStatus,
     ReviewStoreError,
 )
+
+if TYPE_CHECKING:
+    from sidecar.database import Connection
 
 __all__ = ["COMPONENT", "MIGRATIONS", "PostgresReviewStore"]
 

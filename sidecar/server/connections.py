@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import StreamReader, web
 from aiohttp.http import RawRequestMessage
@@ -115,7 +115,8 @@ class GuardedProtocol(asyncio.Protocol):
         self.body: StreamReader | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's TCPTransport is not an asyncio.Transport subclass but has its methods.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         guard = self.guard
         if len(guard.open) >= guard.max_connections:

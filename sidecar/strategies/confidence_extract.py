@@ -19,11 +19,12 @@ missing confidence is an outcome of its own that the policy decides about.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from sidecar.strategies.jsonparse import parse_json
 
 __all__ = [
     "Answer",
@@ -105,7 +106,7 @@ class SseEvents:
                 self._data = []
                 if payload.strip() != b"[DONE]":
                     try:
-                        self.events.append(json.loads(payload))
+                        self.events.append(parse_json(payload))
                     except (ValueError, UnicodeDecodeError, RecursionError):
                         pass
             return
@@ -151,7 +152,7 @@ class Answer:
             if not self.body or not self.body.strip():
                 raise ConfidenceMissing("the answer is empty")
             try:
-                self._doc = json.loads(self.body)
+                self._doc = parse_json(self.body)
             except (ValueError, UnicodeDecodeError, RecursionError):
                 raise ConfidenceMissing("the answer is not JSON") from None
         self._parsed = True

@@ -121,6 +121,24 @@ class RetryStrategy:
     ) -> ProxyResponse:
         if self.budget is not None:
             self.budget.deposit()
+        # The first attempt runs without tenacity: most requests succeed at once, and building a
+        # retrying controller for each costs more than the rest of this strategy. Its outcome is
+        # handed to tenacity as attempt 1 when it was not a success.
+        try:
+            first: ProxyResponse | Exception = await self._attempt(request, ctx, next)
+        except Exception as exc:  # handed to tenacity, which decides whether to retry it
+            first = exc
+        if isinstance(first, ProxyResponse) and classify_status(first.status) is None:
+            return first
+        return await self._retry(first, request, ctx, next)
+
+    async def _retry(
+        self,
+        first: ProxyResponse | Exception,
+        request: ProxyRequest,
+        ctx: RequestContext,
+        next: Handler,
+    ) -> ProxyResponse:
         config = self.config
         planned: dict[str, float] = {}
 
@@ -208,7 +226,19 @@ class RetryStrategy:
             retry_error_callback=give_up,
             reraise=True,
         )
-        response: ProxyResponse = await retrying(self._attempt, request, ctx, next)
+        pending: list[ProxyResponse | Exception] = [first]
+
+        async def attempt(
+            request: ProxyRequest, ctx: RequestContext, next: Handler
+        ) -> ProxyResponse:
+            if pending:
+                outcome = pending.pop()
+                if isinstance(outcome, Exception):
+                    raise outcome
+                return outcome
+            return await self._attempt(request, ctx, next)
+
+        response: ProxyResponse = await retrying(attempt, request, ctx, next)
         mode = classify_status(response.status)
         if mode is not None:
             ctx.failure_mode = mode

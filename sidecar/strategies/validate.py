@@ -8,17 +8,17 @@ larger answer is classified, never buffered without bound. Streams (SSE) are not
 
 from __future__ import annotations
 
-import json
-import math
 import zlib
 from dataclasses import dataclass
-from typing import Any
-
-import jsonschema
+from typing import TYPE_CHECKING, Any
 
 from sidecar.context import RequestContext
 from sidecar.errors import FailureMode, SidecarError
 from sidecar.pipeline import BytesBody, Handler, ProxyRequest, ProxyResponse
+from sidecar.strategies.jsonparse import parse_json
+
+if TYPE_CHECKING:  # jsonschema loads only for a route with a schema (idle memory)
+    import jsonschema
 
 __all__ = ["ValidateConfig", "ValidateStrategy", "validate_bytes"]
 
@@ -30,18 +30,6 @@ class ValidateConfig:
     reject_empty: bool = True
     reject_non_finite: bool = True
     max_body: int = 4 * 1024 * 1024
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a valid JSON number")
-
-
-def _finite_float(text: str) -> float:
-    # `1e999` overflows to inf without ever spelling NaN or Infinity.
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is not a finite number")
-    return value
 
 
 def validate_bytes(
@@ -65,15 +53,14 @@ def validate_bytes(
     if not (config.json_body or validator is not None):
         return None
     try:
-        if config.reject_non_finite:
-            doc = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
-        else:
-            doc = json.loads(data)
+        doc = parse_json(data, finite_only=config.reject_non_finite)
     except (ValueError, UnicodeDecodeError) as exc:
         return f"the model's answer is not valid JSON: {exc}"
     except RecursionError:
         return "the model's answer is nested too deeply to parse"
     if validator is not None:
+        import jsonschema
+
         try:
             error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
         except RecursionError:
@@ -101,6 +88,8 @@ class ValidateStrategy:
         self.config = config
         self.validator: jsonschema.protocols.Validator | None = None
         if config.schema is not None:
+            import jsonschema
+
             cls = jsonschema.validators.validator_for(config.schema)
             cls.check_schema(config.schema)
             self.validator = cls(config.schema)
