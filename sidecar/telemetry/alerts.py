@@ -230,6 +230,10 @@ class AlertEngine:
         config = self.config()
         if config is None or not config.breaker_opened or new != State.OPEN:
             return
+        if breaker.open_adopted:
+            # Another replica opened the shared circuit and alerted; adopting its open here
+            # would repeat the same alert once per replica.
+            return
         snapshot = breaker.snapshot()
         self.fire(
             Alert(

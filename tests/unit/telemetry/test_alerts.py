@@ -49,6 +49,18 @@ def test_breaker_opened_fires_on_open_only() -> None:
     assert len(fired(log)) == 1
 
 
+def test_an_open_adopted_from_another_replica_does_not_alert_again() -> None:
+    clock = FakeClock()
+    alerts, log = engine(clock)
+    breaker = CircuitBreaker("model", BreakerConfig(consecutive_failures=1), clock)
+    breaker.listeners.append(alerts.breaker_transition)
+    assert breaker.adopt_open(clock.monotonic() + 30)  # the replica that opened it alerted
+    assert breaker.state == "open" and fired(log) == []
+    clock.advance(31)
+    breaker.record_failure(breaker.admit())  # our own probe fails: our own open
+    assert fired(log) == [("breaker_opened", {"upstream": "model"})]
+
+
 def test_cooldown_per_key_then_again_after_it() -> None:
     clock = FakeClock()
     metrics = Metrics()
