@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -290,7 +289,9 @@ class RequestTelemetry:
                 if not earlier.ended and earlier.status is not None and earlier.mode is not None:
                     self._end_attempt(earlier)
             span = self._start_attempt(ctx, request, upstream, origin)
-            request = dataclasses.replace(request, headers=self.trace.inject(span, request.headers))
+            headers = self.trace.inject(span, request.headers)
+            # Not dataclasses.replace: a quarter of the cost, on every attempt.
+            request = ProxyRequest(request.method, request.path_qs, headers, request.body)
         except Exception as exc:
             self.owner.guard_failed("attempt", exc)
             return await send(request)
@@ -312,7 +313,7 @@ class RequestTelemetry:
             self._end_attempt(span, classify_error(exc))
             raise
         span.status = response.status
-        span.span.set_attribute("http.response.status_code", response.status)
+        span.set_attribute("http.response.status_code", response.status)
         span.mode = classify_status(response.status)
         return response
 

@@ -122,6 +122,22 @@ def test_the_ratio_is_read_at_each_decision(rig: Rig) -> None:
     assert rig.exported_traces() == {second} and first != second
 
 
+def test_a_trace_decided_up_front_passes_straight_through(rig: Rig) -> None:
+    """What a deferred trace does: `decide` first (counted once), its spans made afterwards."""
+    rig.ratio = 0.0
+    early = rig.tracer.start_span("early", context=None)  # buffered, as it ends undecided
+    early.end()
+    trace_id = early.get_span_context().trace_id
+    assert rig.exporter.get_finished_spans() == ()
+    assert rig.processor.decide(trace_id, plain=False)
+    assert [s.name for s in rig.exporter.get_finished_spans()] == ["early"]
+    late = rig.tracer.start_span("late", context=trace.set_span_in_context(early))
+    late.end()  # follows its trace's decision, not buffered again
+    assert [s.name for s in rig.exporter.get_finished_spans()] == ["early", "late"]
+    assert not rig.processor.decide((7 << 64) | (15 * STEP), plain=True)
+    assert rig.decisions == ["exported_failure", "dropped"]
+
+
 def test_buffers_are_bounded() -> None:
     r = Rig(1.0, max_traces=2, max_spans=1)
     tracer = r.tracer
