@@ -672,10 +672,12 @@ def _flap_section(r: dict[str, Any], charts: dict[str, str]) -> str:
         f"at once against the same schedule, {d['rate']:g} requests/s each. Recovery is the time "
         "from a heal to the first request after which ≥ 99% of the rest of that healthy phase "
         "succeeded (spread over every heal of every round). The all-features breaker opens in "
-        "the first moments of each down phase and stays open for `open_for` (5 s, doubled on "
-        "each re-open while the model is still down, plus up to 10% jitter); the sidecar sees "
-        "the heal only at its next half-open probe, so recovery is whatever is left of the "
-        "open period when the model heals: a breaker setting, not a cost of the proxy.\n\n"
+        "the first moments of each down phase and stays open for `open_for` (2 s, doubled on "
+        "each re-open while the model is still down up to `open_for_max`, 4 s, plus up to 10% "
+        "jitter); the sidecar sees the heal only at its next half-open probe, so recovery is "
+        "whatever is left of the open period when the model heals, at most `open_for_max` plus "
+        "jitter: a breaker setting, not a cost of the proxy. A longer cap sends fewer probes to "
+        "a model that is down (one per open period) and recovers later.\n\n"
         + _table(
             (
                 "variant",

@@ -68,6 +68,8 @@ def _error_response(err: SidecarError, ctx: RequestContext) -> web.Response:
 
 def _has_dot_segment(target: str) -> bool:
     path = target.split("?", 1)[0]
+    if "." not in path and "%2" not in path:
+        return False
     for segment in path.split("/"):
         decoded = segment.replace("%2e", ".").replace("%2E", ".")
         if decoded in (".", ".."):
