@@ -275,7 +275,8 @@ async def _run(args: argparse.Namespace, cores: Cores) -> dict[str, Any]:
                 results["sse"] = await sc.sse(env, base, 50, args.duration or 5.0, rounds, log=_log)
             if on("streams"):
                 _log("1,000 open streams (hold_after_first)")
-                results["streams"] = await sc.open_streams(env, base, 1000, rounds, log=_log)
+                keys = [*base, *(["floor"] if "floor" in env.variants else [])]
+                results["streams"] = await sc.open_streams(env, keys, 1000, rounds, log=_log)
             if on("hang"):
                 _log("failure: the model hangs")
                 results["hang"] = await sc.hang(env, base, rounds, log=_log)

@@ -3,10 +3,10 @@ aiohttp-based Python proxy costs on this machine before it does anything of its 
 
     python -m scripts.bench_floor --upstream http://127.0.0.1:8000 --port 0
 
-One route for every method and path: read the request body, send it upstream with its
-`Content-Type` over a pooled keep-alive connection (no connection limit), copy the status,
+One route for every method and path: read the request body, send it upstream with its end-to-end
+headers over a pooled keep-alive connection (no connection limit), copy the status,
 `Content-Type` and `Content-Length` back, and stream the body chunk by chunk as it arrives. No
-other headers, no timeouts, no retries, no telemetry, no access log. An upstream that cannot be
+header hygiene, no timeouts, no retries, no telemetry, no access log. An upstream that cannot be
 reached answers 502. Like `sidecar run`, it prints one JSON `listening` line once bound (which
 `scripts.bench_procs.start` waits for), runs on uvloop when installed (`SIDECAR_EVENT_LOOP` or
 `--loop` choose), and exits cleanly on SIGTERM.
@@ -29,15 +29,17 @@ from aiohttp import web
 __all__ = ["main", "serve"]
 
 UPSTREAM: web.AppKey[str] = web.AppKey("upstream", str)
+#: Hop-by-hop and framing headers; the rest (the demo model's `x-demo-fault`, say) is forwarded.
+_NOT_FORWARDED = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te"}
+)
 SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.ClientSession)
 
 
 async def _forward(request: web.Request) -> web.StreamResponse:
     app = request.app
     body = await request.read()
-    headers = {}
-    if content_type := request.headers.get("Content-Type"):
-        headers["Content-Type"] = content_type
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
     try:
         upstream = await app[SESSION].request(
             request.method, app[UPSTREAM] + request.path_qs, data=body, headers=headers

@@ -248,12 +248,12 @@ class Env:
             if variant.proc is not None:
                 self.idle_rss[key] = variant.proc.stats().rss
 
-    def _start_floor(self, model_url: str) -> Variant | None:
+    def _start_floor(self, model_url: str, name: str = "floor") -> Variant | None:
         """The minimal aiohttp reverse proxy (`scripts.bench_floor`): what any aiohttp-based
         proxy costs here before doing anything of its own. Optional, like HAProxy."""
         try:
             proc = self._start(
-                "floor",
+                name,
                 python_cmd("scripts.bench_floor", "--upstream", model_url, "--port", "0"),
                 cores=self.cores.proxy,
             )
@@ -491,8 +491,18 @@ async def open_streams(
     held = with_fault(SSE, "hold_after_first")
     for r in range(rounds):
         for key in keys:
-            fresh = key in ("passthrough", "all")
-            if fresh:
+            fresh = key in ("passthrough", "all", "floor")
+            if key == "floor":
+                env.fresh_count += 1
+                model_url = f"http://{env.model[0]}:{env.model[1]}"
+                started = await asyncio.to_thread(
+                    env._start_floor, model_url, f"floor-{env.fresh_count}"
+                )
+                if started is None:
+                    continue
+                v = started
+                await asyncio.sleep(1.0)
+            elif fresh:
                 v = await env.fresh_sidecar(key, env.policies.files[key])
                 await asyncio.sleep(1.0)  # start-up work done: the next reading is idle RSS
             else:
@@ -511,6 +521,8 @@ async def open_streams(
     summary = {}
     for key in keys:
         rs = runs[key]
+        if not rs:  # the floor proxy did not start
+            continue
         summary[key] = {
             fig: agg(x.get(fig) for x in rs)
             for fig in ("rss_mb", "rss_added_mb", "per_stream_kb", "idle_rss_mb")
