@@ -31,11 +31,12 @@ HEADER = """\
 # Benchmarks
 
 What the sidecar costs when the model is healthy, and what it keeps when the model fails, side by
-side with the model called directly, with HAProxy (the reference proxy) and, in the healthy runs at
-200 requests/s, with a minimal aiohttp reverse proxy (`scripts/bench_floor.py`, the floor: what any
-aiohttp-based proxy costs here before doing anything of its own). Written by
-`make bench` (every scenario, ~20 minutes) and `make bench-quick` (the CI smoke run, about a
-minute); each run rewrites only its own section below. The harness is `scripts/bench.py`.
+side with the model called directly, with HAProxy (the reference proxy) and, at 200 requests/s
+and with 1,000 open streams, with a minimal aiohttp reverse proxy (`scripts/bench_floor.py`, the
+floor: what any aiohttp-based proxy costs here before doing anything of its own). Written by
+`make bench` (every scenario and a 10-minute soak, ~30 minutes) and `make bench-quick` (the CI
+smoke run, about a minute); each run rewrites only its own section below. The harness is
+`scripts/bench.py`.
 
 **How it measures.** An open-loop generator (`scripts/bench_load.py`) sends at a fixed rate and
 measures each request from its *scheduled* send time, so a slow server shows up as latency and a
