@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from scripts.bench_policies import CONFIDENCE
 from tests.conftest import REPO, write_policy
 from tests.support.processes import start_process
 
@@ -72,14 +73,7 @@ ALL_FEATURES: dict[str, Any] = {
             "retry": {"max_attempts": 3},
             "retry_budget": {"ratio": 0.2, "min_per_second": 10, "ttl": "10s"},
             "validate": {"json_body": True, "reject_empty": True, "reject_non_finite": True},
-            "confidence": {
-                "extract": {"kind": "openai_logprobs", "aggregate": "mean"},
-                "auto_above": 0.9,
-                "reject_below": 0.5,
-                "on_review": "escalate",
-                "on_reject": "escalate",
-                "stream_mode": "observe",
-            },
+            "confidence": dict(CONFIDENCE),
         }
     ],
 }

@@ -327,16 +327,24 @@ def half_open_again(cb: CircuitBreaker, clock: FakeClock) -> Admission:
 REOPENED_BY = ["operator", "replica", "probe"]
 
 
-@pytest.mark.parametrize("how", REOPENED_BY)
-def test_a_stale_probe_success_does_not_close_the_next_half_open_period(
+def stale_and_current_probe(
     clock: FakeClock, how: str
-) -> None:
+) -> tuple[CircuitBreaker, Admission, Admission]:
+    """A probe admitted in one half-open period, then the circuit reopened (`how`) and
+    half-opened again with a probe of its own."""
     cb = breaker(clock, half_open_probes=2 if how == "probe" else 1)
     trip(cb)
     clock.advance(5.0)
     stale = cb.admit()
     reopen(cb, how, clock)
-    current = half_open_again(cb, clock)
+    return cb, stale, half_open_again(cb, clock)
+
+
+@pytest.mark.parametrize("how", REOPENED_BY)
+def test_a_stale_probe_success_does_not_close_the_next_half_open_period(
+    clock: FakeClock, how: str
+) -> None:
+    cb, stale, current = stale_and_current_probe(clock, how)
     if how == "probe":
         cb.admit()  # fill the second slot too
     held = cb.probes_in_flight
@@ -353,12 +361,7 @@ def test_a_stale_probe_success_does_not_close_the_next_half_open_period(
 def test_a_stale_probe_failure_does_not_reopen_the_next_half_open_period(
     clock: FakeClock, how: str
 ) -> None:
-    cb = breaker(clock, half_open_probes=2 if how == "probe" else 1)
-    trip(cb)
-    clock.advance(5.0)
-    stale = cb.admit()
-    reopen(cb, how, clock)
-    current = half_open_again(cb, clock)
+    cb, stale, current = stale_and_current_probe(clock, how)
     opens = cb.open_count
     cb.record_failure(stale)
     assert cb.state == State.HALF_OPEN and cb.open_count == opens
