@@ -242,6 +242,8 @@ global
 defaults
     mode http
     option http-keep-alive
+    # Streams: without it HAProxy sends with MSG_MORE and the kernel holds small SSE events back.
+    option http-no-delay
     timeout connect 1s
     timeout client 120s
     timeout server 120s

@@ -383,6 +383,7 @@ def _healthy_section(r: dict[str, Any], charts: dict[str, str]) -> str:
                 (
                     LABELS.get(key, key),
                     cell(s.get("p50")),
+                    cell(s.get("p90")),
                     cell(s.get("p99")),
                     cell(s.get("p999")),
                     cell(s.get("max")),
@@ -403,6 +404,7 @@ def _healthy_section(r: dict[str, Any], charts: dict[str, str]) -> str:
                 (
                     "variant",
                     "p50 ms",
+                    "p90 ms",
                     "p99 ms",
                     "p99.9 ms",
                     "max ms",
