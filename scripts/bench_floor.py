@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import signal
@@ -25,6 +24,8 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+
+from sidecar import eventloop
 
 __all__ = ["main", "serve"]
 
@@ -93,7 +94,7 @@ async def serve(upstream: str, host: str, port: int) -> int:
                     "proxy": f"{bound[0]}:{bound[1]}",
                     "upstream": upstream,
                     "pid": os.getpid(),
-                    "event_loop": type(loop).__module__.split(".")[0],
+                    "event_loop": eventloop.loop_name(),
                 }
             ),
             flush=True,
@@ -115,24 +116,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0: any free port")
     parser.add_argument(
         "--loop",
-        choices=("auto", "uvloop", "asyncio"),
-        default=os.environ.get("SIDECAR_EVENT_LOOP", "auto").strip().lower() or "auto",
-        help="event loop (default: SIDECAR_EVENT_LOOP, else auto: uvloop when installed)",
+        default=os.environ.get("SIDECAR_EVENT_LOOP", "auto"),
+        help="event loop: auto (uvloop when installed), uvloop or asyncio "
+        "(default: SIDECAR_EVENT_LOOP, else auto)",
     )
     args = parser.parse_args(argv)
-    loop = args.loop
-    if loop not in ("auto", "uvloop", "asyncio"):
-        parser.error(f"SIDECAR_EVENT_LOOP must be auto, uvloop or asyncio, not {loop!r}")
-    if loop == "auto":
-        loop = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
-    if loop == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            print("bench_floor: --loop uvloop but uvloop is not installed", file=sys.stderr)
-            return 2
-        return uvloop.run(serve(args.upstream, args.host, args.port))
-    return asyncio.run(serve(args.upstream, args.host, args.port))
+    try:
+        choice = eventloop.parse_choice(args.loop)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        return eventloop.run(serve(args.upstream, args.host, args.port), choice)
+    except ImportError:
+        print("bench_floor: --loop uvloop but uvloop is not installed", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

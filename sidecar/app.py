@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import importlib.util
 import ipaddress
 import os
 import signal
@@ -22,6 +21,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_runner import BaseSite
 
+from sidecar import eventloop
 from sidecar.failures.capture import install_failure_capture
 from sidecar.policy.builder import build_runtime
 from sidecar.policy.loader import Overrides, PolicyError, load_policy
@@ -62,16 +62,9 @@ class RunSettings:
             drain_delay=parse_duration(env.get("SIDECAR_DRAIN_DELAY", "0s")),
             drain_grace=parse_duration(env.get("SIDECAR_DRAIN_GRACE", "20s")),
             reload_interval=parse_duration(env.get("SIDECAR_RELOAD_INTERVAL", "1s")),
-            event_loop=_event_loop(env.get("SIDECAR_EVENT_LOOP", "auto")),
+            event_loop=eventloop.parse_choice(env.get("SIDECAR_EVENT_LOOP", "auto")),
             **kwargs,
         )
-
-
-def _event_loop(value: str) -> str:
-    choice = value.strip().lower() or "auto"
-    if choice not in ("auto", "uvloop", "asyncio"):
-        raise ValueError(f"SIDECAR_EVENT_LOOP must be auto, uvloop or asyncio, not {value!r}")
-    return choice
 
 
 def _is_loopback(host: str) -> bool:
@@ -296,7 +289,7 @@ async def _serve(settings: RunSettings) -> int:
         policy=sidecar.state.runtime.source,
         routes=[r.name for r in sidecar.state.runtime.routes],
         pid=os.getpid(),
-        event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
+        event_loop=eventloop.loop_name(),
     )
     # Everything built at start-up (modules, the policy, pydantic and OpenTelemetry objects) lives
     # as long as the process: moved out of the collector's generations, a full collection no
@@ -325,14 +318,8 @@ def run(settings: RunSettings) -> int:
             file=sys.stderr,
         )
         return 2
-    loop = settings.event_loop
-    if loop == "auto":
-        loop = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
-    if loop == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            print("sidecar: SIDECAR_EVENT_LOOP=uvloop but uvloop is not installed", file=sys.stderr)
-            return 2
-        return uvloop.run(_serve(settings))
-    return asyncio.run(_serve(settings))
+    try:
+        return eventloop.run(_serve(settings), settings.event_loop)
+    except ImportError:
+        print("sidecar: SIDECAR_EVENT_LOOP=uvloop but uvloop is not installed", file=sys.stderr)
+        return 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -289,9 +290,7 @@ class RequestTelemetry:
                 if not earlier.ended and earlier.status is not None and earlier.mode is not None:
                     self._end_attempt(earlier)
             span = self._start_attempt(ctx, request, upstream, origin)
-            headers = self.trace.inject(span, request.headers)
-            # Not dataclasses.replace: a quarter of the cost, on every attempt.
-            request = ProxyRequest(request.method, request.path_qs, headers, request.body)
+            request = dataclasses.replace(request, headers=self.trace.inject(span, request.headers))
         except Exception as exc:
             self.owner.guard_failed("attempt", exc)
             return await send(request)

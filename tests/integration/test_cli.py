@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -71,6 +72,37 @@ def test_run_refuses_invalid_policy(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "routes: at least one route is required" in proc.stderr
+
+
+async def test_event_loop_choice_is_named_and_checked(model_url: str, tmp_path: Path) -> None:
+    policy = write_policy(
+        tmp_path, f'upstreams: {{model: {{url: "{model_url}"}}}}\nroutes: [{{name: all}}]\n'
+    )
+    args = ("run", "--policy", str(policy), "--port", "0", "--admin-port", "0")
+    for choice in ("asyncio", "uvloop"):
+        rp = start_process(sidecar_cmd(*args), env={"SIDECAR_EVENT_LOOP": choice})
+        try:
+            assert rp.ready["event_loop"] == choice
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"http://{rp.ready['proxy']}/echo/x") as resp:
+                    assert resp.status == 200
+        finally:
+            rp.stop()
+
+
+def test_an_unknown_event_loop_is_refused(tmp_path: Path) -> None:
+    policy = write_policy(
+        tmp_path, 'upstreams: {model: {url: "http://127.0.0.1:9"}}\nroutes: [{name: all}]\n'
+    )
+    proc = subprocess.run(
+        sidecar_cmd("run", "--policy", str(policy), "--port", "0", "--admin-port", "0"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=os.environ | {"SIDECAR_EVENT_LOOP": "trio"},
+    )
+    assert proc.returncode == 2
+    assert "SIDECAR_EVENT_LOOP must be auto, uvloop or asyncio, not 'trio'" in proc.stderr
 
 
 async def test_flags_beat_env_beat_file(model_url: str, tmp_path: Path) -> None:
